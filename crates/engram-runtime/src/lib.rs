@@ -1,0 +1,12 @@
+//! The runtime every Engram service shares: typed config, Vault secrets that rotate without
+//! restarts, telemetry (JSON logs, OTLP traces, Prometheus metrics), the admin HTTP server,
+//! gRPC bootstrap with health and trace propagation, and graceful shutdown.
+
+pub mod admin;
+pub mod config;
+pub mod grpc;
+pub mod secrets;
+pub mod service;
+pub mod telemetry;
+
+pub use service::{Application, RuntimeConfig, ServiceContext, ServiceSpec, run_main};

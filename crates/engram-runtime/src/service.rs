@@ -1,0 +1,636 @@
+//! The service skeleton every Engram binary runs: telemetry → config → build (bind and
+//! report addresses) → run until SIGTERM/SIGINT → drain within a grace period, with gRPC
+//! health NOT_SERVING and `/readyz` 503 first.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use url::Url;
+
+use crate::admin::{self, AdminState, Check, Readiness};
+use crate::config::{
+    ConfigErrors, ConfigReader, ConfigSource, EXIT_CONFIG, ProcessEnv, load_file_layer,
+};
+use crate::grpc::{GrpcHealth, GrpcServer};
+use crate::secrets::{
+    EnvSecretSource, SecretSource, SecretStore, SecretWatcher, VaultAuth, VaultSettings,
+    VaultSource, WatcherSettings,
+};
+use crate::telemetry::{self, Metrics};
+
+/// What distinguishes one Engram service from another at the runtime level.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceSpec {
+    /// Binary and service name, for example `audit-sink`.
+    pub name: &'static str,
+    /// Version reported in `engram_build_info` and logs.
+    pub version: &'static str,
+    /// Fully qualified gRPC service name, for the health service.
+    pub grpc_service: &'static str,
+    /// The service's own Vault KV path, for example `engram/audit`.
+    pub secret_path: &'static str,
+    /// Fields that must be present and non-empty before the service is ready.
+    pub required_secret_fields: &'static [&'static str],
+    /// Default gRPC port on 127.0.0.1 (DESIGN.md's local defaults).
+    pub default_grpc_port: u16,
+    /// Default admin HTTP port on 127.0.0.1.
+    pub default_admin_port: u16,
+}
+
+/// Where a service's secrets come from.
+#[derive(Debug)]
+pub enum SecretsConfig {
+    /// Vault or OpenBao.
+    Vault(VaultSettings),
+    /// The seed's environment variables and `.env` (dev only).
+    Env {
+        /// The `.env` file read under the environment, if it exists.
+        dotenv: PathBuf,
+    },
+}
+
+/// The configuration every service shares.
+#[derive(Debug)]
+pub struct RuntimeConfig {
+    /// gRPC listen address.
+    pub grpc_addr: SocketAddr,
+    /// Admin HTTP listen address.
+    pub admin_addr: SocketAddr,
+    /// How long in-flight calls may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// How long to keep accepting after turning NOT_SERVING, so that load balancers and
+    /// Kubernetes endpoints see the flip before connections are refused.
+    pub drain_delay: Duration,
+    /// The secret path this service reads.
+    pub secret_path: String,
+    /// How often to poll for a new secret version.
+    pub secret_refresh: Duration,
+    /// Secret source settings.
+    pub secrets: SecretsConfig,
+    /// OTLP/gRPC endpoint for traces, when set.
+    pub otlp_endpoint: Option<Url>,
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+}
+
+impl RuntimeConfig {
+    /// Reads the shared settings from `reader`, recording every problem in it. Services with
+    /// settings of their own read those from the same reader before calling `finish`.
+    pub fn read(spec: &ServiceSpec, reader: &mut ConfigReader<'_>) -> Self {
+        let grpc_addr = reader.socket_addr_or("ENGRAM_GRPC_ADDR", local(spec.default_grpc_port));
+        let admin_addr = reader.socket_addr_or("ENGRAM_ADMIN_ADDR", local(spec.default_admin_port));
+        if grpc_addr == admin_addr && grpc_addr.port() != 0 {
+            reader.problem("ENGRAM_ADMIN_ADDR", "must differ from ENGRAM_GRPC_ADDR");
+        }
+        let shutdown_grace =
+            reader.positive_secs_or("ENGRAM_SHUTDOWN_GRACE_SECS", Duration::from_secs(20));
+        let drain_delay = reader.parsed_or(
+            "ENGRAM_SHUTDOWN_DRAIN_DELAY_SECS",
+            Duration::from_secs(1),
+            "a number of seconds between 0 and 60",
+            |raw| match raw.parse::<f64>() {
+                Ok(secs) if (0.0..=60.0).contains(&secs) => Ok(Duration::from_secs_f64(secs)),
+                _ => Err(format!("{raw:?} is out of range")),
+            },
+        );
+        let secret_path = reader.string_or("ENGRAM_SECRET_PATH", spec.secret_path);
+        if secret_path.starts_with('/') || secret_path.ends_with('/') || secret_path.contains("..")
+        {
+            reader.problem(
+                "ENGRAM_SECRET_PATH",
+                "must be a relative KV path such as engram/audit",
+            );
+        }
+        let secret_refresh =
+            reader.positive_secs_or("ENGRAM_SECRET_REFRESH_SECS", Duration::from_secs(30));
+        let _ = reader.choice_or("ENGRAM_LOG_FORMAT", "json", &["json", "text"]);
+        if let Some(level) = reader
+            .raw("ENGRAM_LOG_LEVEL")
+            .or_else(|| reader.raw("LOG_LEVEL"))
+            && tracing_subscriber::EnvFilter::try_new(level.to_ascii_lowercase()).is_err()
+        {
+            reader.problem(
+                "ENGRAM_LOG_LEVEL",
+                "is not a valid level or filter (trace, debug, info, warn, error)",
+            );
+        }
+        let otlp_endpoint = reader.optional_url("OTEL_EXPORTER_OTLP_ENDPOINT");
+
+        let secrets = match reader.choice_or("ENGRAM_SECRET_SOURCE", "vault", &["vault", "env"]) {
+            "env" => SecretsConfig::Env {
+                dotenv: reader.path_or("ENGRAM_DOTENV_FILE", ".env"),
+            },
+            _ => SecretsConfig::Vault(read_vault(spec, reader)),
+        };
+        Self {
+            grpc_addr,
+            admin_addr,
+            shutdown_grace,
+            drain_delay,
+            secret_path,
+            secret_refresh,
+            secrets,
+            otlp_endpoint,
+        }
+    }
+
+    /// Reads and validates the shared settings from `env` (and the optional file it names).
+    ///
+    /// # Errors
+    ///
+    /// Every bad value at once.
+    pub fn load(spec: &ServiceSpec, env: &dyn ConfigSource) -> Result<Self, ConfigErrors> {
+        let file = load_file_layer(env).map_err(|problem| ConfigErrors(vec![problem]))?;
+        let mut reader = ConfigReader::new(vec![env, &file]);
+        let config = Self::read(spec, &mut reader);
+        reader.finish()?;
+        Ok(config)
+    }
+}
+
+fn read_vault(spec: &ServiceSpec, reader: &mut ConfigReader<'_>) -> VaultSettings {
+    let address = reader
+        .required_url("ENGRAM_VAULT_ADDR")
+        .unwrap_or_else(|| Url::parse("http://127.0.0.1:8200").unwrap_or_else(|_| unreachable!()));
+    let kv_mount = reader.string_or("ENGRAM_VAULT_KV_MOUNT", "secret");
+    let request_timeout =
+        reader.positive_secs_or("ENGRAM_VAULT_TIMEOUT_SECS", Duration::from_secs(5));
+    let auth = match reader.choice_or(
+        "ENGRAM_VAULT_AUTH",
+        "token",
+        &["token", "approle", "kubernetes"],
+    ) {
+        "approle" => {
+            let mount = reader.string_or("ENGRAM_VAULT_AUTH_MOUNT", "approle");
+            let role_id = reader.optional_secret("ENGRAM_VAULT_ROLE_ID");
+            if role_id.is_none() {
+                reader.problem(
+                    "ENGRAM_VAULT_ROLE_ID",
+                    "is required with ENGRAM_VAULT_AUTH=approle",
+                );
+            }
+            let secret_id = match (
+                reader.optional_secret("ENGRAM_VAULT_SECRET_ID"),
+                reader.optional_string("ENGRAM_VAULT_SECRET_ID_FILE"),
+            ) {
+                (Some(id), _) => Some(id),
+                (None, Some(file)) => match std::fs::read_to_string(&file) {
+                    Ok(text) if !text.trim().is_empty() => {
+                        Some(SecretString::from(text.trim().to_owned()))
+                    }
+                    Ok(_) => {
+                        reader.problem("ENGRAM_VAULT_SECRET_ID_FILE", "names an empty file");
+                        None
+                    }
+                    Err(e) => {
+                        reader.problem(
+                            "ENGRAM_VAULT_SECRET_ID_FILE",
+                            format!("cannot be read: {e}"),
+                        );
+                        None
+                    }
+                },
+                (None, None) => {
+                    reader.problem(
+                        "ENGRAM_VAULT_SECRET_ID",
+                        "is required with ENGRAM_VAULT_AUTH=approle (or ENGRAM_VAULT_SECRET_ID_FILE)",
+                    );
+                    None
+                }
+            };
+            VaultAuth::AppRole {
+                mount,
+                role_id: role_id.unwrap_or_else(|| SecretString::from("")),
+                secret_id: secret_id.unwrap_or_else(|| SecretString::from("")),
+            }
+        }
+        "kubernetes" => VaultAuth::Kubernetes {
+            mount: reader.string_or("ENGRAM_VAULT_AUTH_MOUNT", "kubernetes"),
+            role: reader.string_or("ENGRAM_VAULT_K8S_ROLE", spec.name),
+            jwt_path: reader.path_or(
+                "ENGRAM_VAULT_K8S_JWT_FILE",
+                "/var/run/secrets/kubernetes.io/serviceaccount/token",
+            ),
+        },
+        _ => {
+            let token = reader.optional_secret("ENGRAM_VAULT_TOKEN");
+            let token_file = reader
+                .optional_string("ENGRAM_VAULT_TOKEN_FILE")
+                .map(PathBuf::from);
+            if token.is_none() && token_file.is_none() {
+                reader.problem(
+                    "ENGRAM_VAULT_TOKEN",
+                    "is required with ENGRAM_VAULT_AUTH=token (or ENGRAM_VAULT_TOKEN_FILE)",
+                );
+            }
+            VaultAuth::Token { token, token_file }
+        }
+    };
+    VaultSettings {
+        address,
+        kv_mount,
+        auth,
+        request_timeout,
+    }
+}
+
+/// What a service's own code gets at build time.
+#[derive(Debug, Clone)]
+pub struct ServiceContext {
+    /// The service's secret bundle (empty until first loaded).
+    pub secrets: SecretStore,
+    /// The metrics registry, to register the service's own metrics.
+    pub metrics: Metrics,
+    /// Readiness checks, to add the service's own dependencies.
+    pub readiness: Readiness,
+    /// Cancelled when the service begins shutting down.
+    pub shutdown: CancellationToken,
+}
+
+/// Why a service could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A listener could not be bound.
+    #[error("failed to bind {what} on {addr}: {source}")]
+    Bind {
+        /// `gRPC` or `admin`.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The secret source could not be set up (not: could not be reached).
+    #[error("failed to set up the secret source: {0}")]
+    Secrets(String),
+    /// Metrics could not be registered.
+    #[error("failed to register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A built service: listeners bound, nothing served yet.
+pub struct Application {
+    spec: ServiceSpec,
+    grpc: GrpcServer,
+    admin_listener: TcpListener,
+    admin_addr: SocketAddr,
+    routes: Routes,
+    context: ServiceContext,
+    watcher: SecretWatcher,
+    vault: Option<Arc<VaultSource>>,
+    shutdown_grace: Duration,
+    drain_delay: Duration,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("service", &self.spec.name)
+            .field("grpc_addr", &self.grpc.local_addr())
+            .field("admin_addr", &self.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Binds both listeners, prepares the secret watcher and the service's gRPC routes.
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError`] when a port cannot be bound or the secret source cannot be set up.
+    pub async fn build(
+        spec: ServiceSpec,
+        config: RuntimeConfig,
+        build_routes: impl FnOnce(&ServiceContext) -> Routes,
+    ) -> Result<Self, BuildError> {
+        install_crypto_provider();
+        let metrics = Metrics::new(spec.name, spec.version)?;
+        let (source, vault): (Arc<dyn SecretSource>, Option<Arc<VaultSource>>) =
+            match config.secrets {
+                SecretsConfig::Vault(settings) => {
+                    let vault = VaultSource::new(settings, metrics.registry())
+                        .map_err(|e| BuildError::Secrets(e.to_string()))?;
+                    (vault.clone(), Some(vault))
+                }
+                SecretsConfig::Env { dotenv } => {
+                    let source = EnvSecretSource::load(&ProcessEnv, Some(&dotenv))
+                        .map_err(|e| BuildError::Secrets(e.to_string()))?;
+                    (Arc::new(source), None)
+                }
+            };
+        let store = SecretStore::new(
+            config.secret_path.clone(),
+            source.kind(),
+            spec.required_secret_fields,
+        );
+        let watcher = SecretWatcher::new(
+            store.clone(),
+            source,
+            WatcherSettings {
+                refresh_interval: config.secret_refresh,
+                initial_backoff: Duration::from_millis(200),
+                max_backoff: config.secret_refresh.max(Duration::from_secs(1)),
+            },
+            metrics.registry(),
+        )?;
+
+        let readiness = Readiness::default();
+        add_secret_checks(&readiness, &store);
+
+        let grpc = GrpcServer::bind(config.grpc_addr, spec.grpc_service)
+            .await
+            .map_err(|source| BuildError::Bind {
+                what: "gRPC",
+                addr: config.grpc_addr,
+                source,
+            })?;
+        let admin_listener = TcpListener::bind(config.admin_addr)
+            .await
+            .map_err(|source| BuildError::Bind {
+                what: "admin",
+                addr: config.admin_addr,
+                source,
+            })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| BuildError::Bind {
+                what: "admin",
+                addr: config.admin_addr,
+                source,
+            })?;
+
+        let context = ServiceContext {
+            secrets: store,
+            metrics,
+            readiness,
+            shutdown: CancellationToken::new(),
+        };
+        let routes = build_routes(&context);
+        Ok(Self {
+            spec,
+            grpc,
+            admin_listener,
+            admin_addr,
+            routes,
+            context,
+            watcher,
+            vault,
+            shutdown_grace: config.shutdown_grace,
+            drain_delay: config.drain_delay,
+        })
+    }
+
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr()
+    }
+
+    /// The bound admin HTTP address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The service context (secrets, metrics, readiness).
+    pub fn context(&self) -> &ServiceContext {
+        &self.context
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains: readiness and gRPC health go
+    /// NOT_SERVING first, new connections stop, in-flight calls get the grace period.
+    ///
+    /// # Errors
+    ///
+    /// A transport error from the gRPC or admin server.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self {
+            spec,
+            grpc,
+            admin_listener,
+            admin_addr: _,
+            routes,
+            context,
+            watcher,
+            vault,
+            shutdown_grace,
+            drain_delay,
+        } = self;
+        let background = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(watcher.run(background.clone()));
+        if let Some(vault) = vault {
+            tasks.spawn(vault.maintain_token(background.clone()));
+        }
+        let health = grpc.health();
+        tasks.spawn(follow_secrets(
+            context.secrets.clone(),
+            health.clone(),
+            shutdown.clone(),
+        ));
+
+        let admin_stop = CancellationToken::new();
+        let admin_router = admin::router(AdminState {
+            metrics: context.metrics.clone(),
+            readiness: context.readiness.clone(),
+        });
+        let admin_task = tokio::spawn(
+            axum::serve(admin_listener, admin_router)
+                .with_graceful_shutdown(admin_stop.clone().cancelled_owned())
+                .into_future(),
+        );
+
+        let drain = {
+            let shutdown = shutdown.clone();
+            let readiness = context.readiness.clone();
+            let service_shutdown = context.shutdown.clone();
+            let health = health.clone();
+            async move {
+                shutdown.cancelled().await;
+                tracing::info!(
+                    service = spec.name,
+                    "shutting down: marking NOT_SERVING and draining"
+                );
+                readiness.set_draining();
+                health.set_serving(false).await;
+                service_shutdown.cancel();
+                tokio::time::sleep(drain_delay).await;
+            }
+        };
+        let serve = grpc.serve(routes, drain);
+        tokio::pin!(serve);
+        let grpc_result = tokio::select! {
+            result = &mut serve => result.map_err(anyhow::Error::from),
+            () = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(drain_delay + shutdown_grace).await;
+            } => {
+                tracing::warn!(service = spec.name, grace = ?shutdown_grace, "grace period over: dropping calls still in flight");
+                Ok(())
+            }
+        };
+
+        background.cancel();
+        while tasks.join_next().await.is_some() {}
+        admin_stop.cancel();
+        let admin_result = admin_task.await;
+        tracing::info!(service = spec.name, "stopped");
+        grpc_result?;
+        admin_result??;
+        Ok(())
+    }
+}
+
+fn add_secret_checks(readiness: &Readiness, store: &SecretStore) {
+    let secrets = store.clone();
+    readiness.add_check("secrets", move || {
+        let secrets = secrets.clone();
+        async move {
+            match (secrets.current(), secrets.status()) {
+                (Some(_), _) => Check::Ready,
+                (None, status) => Check::NotReady(format!(
+                    "{} not loaded yet{}",
+                    secrets.path(),
+                    status
+                        .last_error
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                )),
+            }
+        }
+    });
+    let secrets = store.clone();
+    readiness.add_check("secret_source", move || {
+        let secrets = secrets.clone();
+        async move {
+            let status = secrets.status();
+            match (status.source_reachable, status.last_error) {
+                (true, None) => Check::Ready,
+                // Before the first load this is already reported by the "secrets" check;
+                // afterwards the last good version keeps the service serving.
+                (_, Some(error)) if secrets.is_loaded() => Check::Degraded(format!(
+                    "{} unreachable or refusing, serving last good version: {error}",
+                    secrets.source_kind()
+                )),
+                (_, Some(error)) => Check::NotReady(format!("{}: {error}", secrets.source_kind())),
+                (false, None) => {
+                    Check::NotReady(format!("{} not contacted yet", secrets.source_kind()))
+                }
+            }
+        }
+    });
+}
+
+/// Turns gRPC health SERVING once the first secret is loaded.
+async fn follow_secrets(store: SecretStore, health: GrpcHealth, shutdown: CancellationToken) {
+    let mut updates = store.subscribe();
+    loop {
+        if store.is_loaded() {
+            if !shutdown.is_cancelled() {
+                health.set_serving(true).await;
+            }
+            return;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = updates.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Installs rustls' ring provider once; reqwest and vaultrs clients need it.
+pub fn install_crypto_provider() {
+    // Err means another part of the process already installed one: that is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+/// The whole `main` of a service binary, in the house order: runtime, telemetry, config
+/// (exit 64 on bad values), build (log bound addresses), run until a signal, drain.
+pub fn run_main(
+    spec: ServiceSpec,
+    build_routes: impl FnOnce(&ServiceContext) -> Routes,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{}: failed to start the async runtime: {error}", spec.name);
+            return ExitCode::from(70);
+        }
+    };
+    let _entered = runtime.enter();
+    let env = ProcessEnv;
+    let telemetry = match telemetry::init(spec.name, &env) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("{}: failed to start telemetry: {error:#}", spec.name);
+            return ExitCode::from(70);
+        }
+    };
+    let config = match RuntimeConfig::load(&spec, &env) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprint!("{}: {errors}", spec.name);
+            tracing::error!(problems = errors.0.len(), "invalid configuration: {errors}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let outcome = runtime.block_on(async {
+        let app = Application::build(spec, config, build_routes).await?;
+        tracing::info!(
+            service = spec.name,
+            version = spec.version,
+            grpc_addr = %app.grpc_addr(),
+            admin_addr = %app.admin_addr(),
+            "listening"
+        );
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            trigger.cancel();
+        });
+        app.run_until_stopped(shutdown).await
+    });
+    telemetry.shutdown();
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "service failed");
+            eprintln!("{}: {error:#}", spec.name);
+            ExitCode::FAILURE
+        }
+    }
+}
