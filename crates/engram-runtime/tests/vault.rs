@@ -512,3 +512,194 @@ async fn each_service_policy_reads_its_own_path_and_nothing_else() {
         );
     }
 }
+
+/// A stand-in for the Kubernetes API's TokenReview endpoint, which OpenBao's Kubernetes auth
+/// calls to check a service-account JWT. It accepts exactly one token.
+async fn fake_token_review(
+    accepted_jwt: String,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use axum::Json;
+    use axum::routing::post;
+    let app = axum::Router::new().route(
+        "/apis/authentication.k8s.io/v1/tokenreviews",
+        post(move |Json(review): Json<serde_json::Value>| {
+            let accepted = accepted_jwt.clone();
+            async move {
+                let ok = review["spec"]["token"].as_str() == Some(accepted.as_str());
+                Json(json!({
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "kind": "TokenReview",
+                    "status": {
+                        "authenticated": ok,
+                        "user": {
+                            "username": "system:serviceaccount:trading:audit-sink",
+                            "uid": "7f0c0e6e-1111-2222-3333-444455556666",
+                        },
+                        "audiences": ["vault"],
+                    }
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, task)
+}
+
+/// An unsigned-looking service-account JWT: OpenBao does not check the signature itself when
+/// it delegates to TokenReview, only the claims.
+fn service_account_jwt() -> String {
+    use base64::Engine;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let header = b64(json!({ "alg": "RS256", "kid": "test" }));
+    let claims = b64(json!({
+        "iss": "kubernetes/serviceaccount",
+        "sub": "system:serviceaccount:trading:audit-sink",
+        "aud": ["vault"],
+        "kubernetes.io/serviceaccount/namespace": "trading",
+        "kubernetes.io/serviceaccount/service-account.name": "audit-sink",
+        "kubernetes.io/serviceaccount/service-account.uid": "7f0c0e6e-1111-2222-3333-444455556666",
+    }));
+    let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([7u8; 256]);
+    format!("{header}.{claims}.{signature}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_auth_logs_in_with_the_service_account_token() {
+    let bao = OpenBao::start().await.expect("openbao");
+    bao.put_secret(PATH, json!({ "hmac_key": "k" }))
+        .await
+        .expect("write");
+    let jwt = service_account_jwt();
+    let (review_addr, review) = fake_token_review(jwt.clone()).await;
+    bao.api(
+        Method::POST,
+        "sys/auth/kubernetes",
+        Some(json!({ "type": "kubernetes" })),
+    )
+    .await
+    .expect("enable");
+    // The config insists on a CA certificate for the cluster API (unused over plain HTTP
+    // here): OpenBao's own PKI engine issues one.
+    bao.api(
+        Method::POST,
+        "sys/mounts/pki",
+        Some(json!({ "type": "pki" })),
+    )
+    .await
+    .expect("pki");
+    let root = bao
+        .api(
+            Method::POST,
+            "pki/root/generate/internal",
+            Some(json!({ "common_name": "test-cluster-ca", "ttl": "1h" })),
+        )
+        .await
+        .expect("root ca");
+    let ca_pem = root["data"]["certificate"]
+        .as_str()
+        .expect("certificate")
+        .to_owned();
+    bao.api(
+        Method::POST,
+        "auth/kubernetes/config",
+        Some(json!({
+            "kubernetes_host": format!("http://{review_addr}"),
+            "kubernetes_ca_cert": ca_pem,
+            "disable_local_ca_jwt": true,
+        })),
+    )
+    .await
+    .expect("config");
+    let policy = format!(
+        "path \"secret/data/{PATH}\" {{ capabilities = [\"read\"] }}\npath \"secret/metadata/{PATH}\" {{ capabilities = [\"read\"] }}\n"
+    );
+    bao.api(
+        Method::PUT,
+        "sys/policies/acl/runtime-test",
+        Some(json!({ "policy": policy })),
+    )
+    .await
+    .expect("policy");
+    bao.api(
+        Method::POST,
+        "auth/kubernetes/role/audit-sink",
+        Some(json!({
+            "bound_service_account_names": ["audit-sink"],
+            "bound_service_account_namespaces": ["trading"],
+            "token_policies": ["runtime-test"],
+            "token_ttl": "10m",
+        })),
+    )
+    .await
+    .expect("role");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let jwt_path = dir.path().join("token");
+    std::fs::write(&jwt_path, &jwt).expect("write jwt");
+    let running = start(&[
+        ("ENGRAM_VAULT_ADDR", bao.addr()),
+        ("ENGRAM_VAULT_AUTH", "kubernetes".to_owned()),
+        ("ENGRAM_VAULT_K8S_ROLE", "audit-sink".to_owned()),
+        ("ENGRAM_VAULT_K8S_JWT_FILE", jwt_path.display().to_string()),
+    ])
+    .await;
+    wait_ready(&running, Duration::from_secs(10)).await;
+    let metrics = running.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "engram_vault_logins_total",
+            &["kubernetes", "success"]
+        ),
+        Some(1.0)
+    );
+    running.stop().await;
+    review.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_keep_the_service_not_ready_and_out_of_every_message() {
+    let bao = OpenBao::start().await.expect("openbao");
+    bao.put_secret(PATH, json!({ "hmac_key": "k" }))
+        .await
+        .expect("write");
+    let (role_id, _) = setup_approle(&bao, "1m").await;
+    let running = start(&[
+        ("ENGRAM_VAULT_ADDR", bao.addr()),
+        ("ENGRAM_VAULT_AUTH", "approle".to_owned()),
+        ("ENGRAM_VAULT_ROLE_ID", role_id),
+        (
+            "ENGRAM_VAULT_SECRET_ID",
+            "canary-wrong-secret-id".to_owned(),
+        ),
+    ])
+    .await;
+    wait_metric(
+        &running,
+        "engram_vault_logins_total",
+        &["approle", "failure"],
+        |v| v >= 2.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let (status, body) = running.readyz().await;
+    assert_eq!(status, 503);
+    assert!(body.to_string().contains("authentication failed"), "{body}");
+    let status = running.context.secrets.status();
+    let error = status.last_error.expect("an error is recorded");
+    for text in [body.to_string(), error, running.metrics().await] {
+        assert!(
+            !text.contains("canary-wrong"),
+            "the secret id leaked: {text}"
+        );
+    }
+    running.stop().await;
+}

@@ -505,11 +505,17 @@ fn map_client_error(error: &ClientError, path: &str) -> SecretError {
 }
 
 fn map_auth_error(error: &ClientError) -> SecretError {
-    match map_client_error(error, "login") {
-        SecretError::Unreachable(reason) => SecretError::Unreachable(reason),
-        SecretError::PermissionDenied { .. } => {
-            SecretError::Auth("Vault refused the credentials".to_owned())
+    match error {
+        // 400 "invalid role or secret ID", 403 "permission denied": the credentials.
+        ClientError::APIError { code, errors } if (400..500).contains(code) && *code != 429 => {
+            SecretError::Auth(format!(
+                "Vault refused the credentials: {}",
+                errors.join("; ")
+            ))
         }
-        other => SecretError::Auth(other.to_string()),
+        other => match map_client_error(other, "login") {
+            SecretError::Unreachable(reason) => SecretError::Unreachable(reason),
+            mapped => SecretError::Auth(mapped.to_string()),
+        },
     }
 }
