@@ -3,10 +3,13 @@
 //! gRPC bootstrap with health and trace propagation, and graceful shutdown.
 
 pub mod admin;
+pub mod audit;
 pub mod config;
 pub mod grpc;
 pub mod secrets;
 pub mod service;
 pub mod telemetry;
 
-pub use service::{Application, RuntimeConfig, ServiceContext, ServiceSpec, run_main};
+pub use service::{
+    Application, RuntimeConfig, ServiceConfig, ServiceContext, ServiceSpec, run_main,
+};

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use engram_proto::v1::AuditCategory;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -15,6 +16,7 @@ use tonic::service::Routes;
 use url::Url;
 
 use crate::admin::{self, AdminState, Check, Readiness};
+use crate::audit::{AuditRecorder, GrpcAuditRecorder, event, number, text};
 use crate::config::{
     ConfigErrors, ConfigReader, ConfigSource, EXIT_CONFIG, ProcessEnv, load_file_layer,
 };
@@ -76,6 +78,20 @@ pub struct RuntimeConfig {
     pub secrets: SecretsConfig,
     /// OTLP/gRPC endpoint for traces, when set.
     pub otlp_endpoint: Option<Url>,
+    /// The audit sink's gRPC address, for lifecycle and the service's own events. Unset:
+    /// nothing is recorded unless the service installs its own recorder (the sink does).
+    pub audit_addr: Option<Url>,
+}
+
+/// A service's own settings, read from the same sources and validated with the shared ones,
+/// so one run reports every bad value.
+pub trait ServiceConfig: Sized + Send + 'static {
+    /// Reads the service's settings, recording problems in `reader`.
+    fn read(reader: &mut ConfigReader<'_>) -> Self;
+}
+
+impl ServiceConfig for () {
+    fn read(_: &mut ConfigReader<'_>) -> Self {}
 }
 
 fn local(port: u16) -> SocketAddr {
@@ -124,6 +140,7 @@ impl RuntimeConfig {
             );
         }
         let otlp_endpoint = reader.optional_url("OTEL_EXPORTER_OTLP_ENDPOINT");
+        let audit_addr = reader.optional_url("ENGRAM_AUDIT_ADDR");
 
         let secrets = match reader.choice_or("ENGRAM_SECRET_SOURCE", "vault", &["vault", "env"]) {
             "env" => SecretsConfig::Env {
@@ -140,6 +157,7 @@ impl RuntimeConfig {
             secret_refresh,
             secrets,
             otlp_endpoint,
+            audit_addr,
         }
     }
 
@@ -149,11 +167,24 @@ impl RuntimeConfig {
     ///
     /// Every bad value at once.
     pub fn load(spec: &ServiceSpec, env: &dyn ConfigSource) -> Result<Self, ConfigErrors> {
+        Self::load_with::<()>(spec, env).map(|(config, ())| config)
+    }
+
+    /// Reads the shared settings and the service's own `C`, reporting every problem of both.
+    ///
+    /// # Errors
+    ///
+    /// Every bad value at once.
+    pub fn load_with<C: ServiceConfig>(
+        spec: &ServiceSpec,
+        env: &dyn ConfigSource,
+    ) -> Result<(Self, C), ConfigErrors> {
         let file = load_file_layer(env).map_err(|problem| ConfigErrors(vec![problem]))?;
         let mut reader = ConfigReader::new(vec![env, &file]);
         let config = Self::read(spec, &mut reader);
+        let service = C::read(&mut reader);
         reader.finish()?;
-        Ok(config)
+        Ok((config, service))
     }
 }
 
@@ -244,7 +275,7 @@ fn read_vault(spec: &ServiceSpec, reader: &mut ConfigReader<'_>) -> VaultSetting
 }
 
 /// What a service's own code gets at build time.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServiceContext {
     /// The service's secret bundle (empty until first loaded).
     pub secrets: SecretStore,
@@ -254,6 +285,32 @@ pub struct ServiceContext {
     pub readiness: Readiness,
     /// Cancelled when the service begins shutting down.
     pub shutdown: CancellationToken,
+    /// The source behind `secrets`, for reading older versions (for example to verify what
+    /// an earlier audit key signed).
+    pub secret_source: Arc<dyn SecretSource>,
+    audit: Arc<std::sync::OnceLock<Arc<dyn AuditRecorder>>>,
+}
+
+impl ServiceContext {
+    /// Where this service's audit events go, when anywhere.
+    pub fn audit(&self) -> Option<Arc<dyn AuditRecorder>> {
+        self.audit.get().cloned()
+    }
+
+    /// Installs the recorder (once; later calls are ignored). The audit sink installs one
+    /// that writes to its own log.
+    pub fn set_audit_recorder(&self, recorder: Arc<dyn AuditRecorder>) {
+        let _ = self.audit.set(recorder);
+    }
+}
+
+impl std::fmt::Debug for ServiceContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceContext")
+            .field("secrets", &self.secrets)
+            .field("audit", &self.audit.get().is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a service could not be built.
@@ -275,6 +332,9 @@ pub enum BuildError {
     /// Metrics could not be registered.
     #[error("failed to register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The service's own set-up failed.
+    #[error("failed to set up the service: {0:#}")]
+    Service(anyhow::Error),
 }
 
 /// A built service: listeners bound, nothing served yet.
@@ -310,7 +370,7 @@ impl Application {
     pub async fn build(
         spec: ServiceSpec,
         config: RuntimeConfig,
-        build_routes: impl FnOnce(&ServiceContext) -> Routes,
+        build_routes: impl FnOnce(&ServiceContext) -> anyhow::Result<Routes>,
     ) -> Result<Self, BuildError> {
         install_crypto_provider();
         let metrics = Metrics::new(spec.name, spec.version)?;
@@ -327,6 +387,7 @@ impl Application {
                     (Arc::new(source), None)
                 }
             };
+        let source_for_context = source.clone();
         let store = SecretStore::new(
             config.secret_path.clone(),
             source.kind(),
@@ -373,8 +434,15 @@ impl Application {
             metrics,
             readiness,
             shutdown: CancellationToken::new(),
+            secret_source: source_for_context,
+            audit: Arc::default(),
         };
-        let routes = build_routes(&context);
+        let routes = build_routes(&context).map_err(BuildError::Service)?;
+        if let Some(addr) = &config.audit_addr {
+            let recorder = GrpcAuditRecorder::new(addr, Duration::from_secs(5))
+                .map_err(|e| BuildError::Service(e.into()))?;
+            context.set_audit_recorder(Arc::new(recorder));
+        }
         Ok(Self {
             spec,
             grpc,
@@ -435,6 +503,7 @@ impl Application {
             health.clone(),
             shutdown.clone(),
         ));
+        tasks.spawn(record_started(spec, context.clone(), background.clone()));
 
         let admin_stop = CancellationToken::new();
         let admin_router = admin::router(AdminState {
@@ -479,6 +548,7 @@ impl Application {
 
         background.cancel();
         while tasks.join_next().await.is_some() {}
+        record_stopped(spec, &context).await;
         admin_stop.cancel();
         let admin_result = admin_task.await;
         tracing::info!(service = spec.name, "stopped");
@@ -526,6 +596,79 @@ fn add_secret_checks(readiness: &Readiness, store: &SecretStore) {
             }
         }
     });
+}
+
+/// The lifecycle event's details: the service's version and the version (never the value)
+/// of the secret it runs with.
+fn lifecycle_details(
+    spec: ServiceSpec,
+    context: &ServiceContext,
+) -> Vec<(&'static str, prost_types::Value)> {
+    let mut details = vec![
+        ("version", text(spec.version)),
+        ("secret_path", text(context.secrets.path())),
+        ("secret_source", text(context.secrets.source_kind())),
+    ];
+    if let Some(bundle) = context.secrets.current() {
+        #[allow(clippy::cast_precision_loss)]
+        details.push(("secret_version", number(bundle.version() as f64)));
+    }
+    details
+}
+
+/// Once the service is ready, records `SERVICE_STARTED`, retrying (the sink may start later)
+/// until it succeeds or the service stops.
+async fn record_started(spec: ServiceSpec, context: ServiceContext, stop: CancellationToken) {
+    let mut updates = context.secrets.subscribe();
+    while !context.secrets.is_loaded() {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = updates.changed() => if changed.is_err() { return },
+        }
+    }
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let Some(recorder) = context.audit() else {
+            return;
+        };
+        let started = event(
+            spec.name,
+            AuditCategory::Audit,
+            "SERVICE_STARTED",
+            &lifecycle_details(spec, &context),
+        );
+        match recorder.record(started).await {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::warn!(error = %error, retry_in = ?backoff, "could not record SERVICE_STARTED yet")
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Records `SERVICE_STOPPED` (bounded wait: a missing sink must not hold up the exit), then
+/// lets the recorder close.
+async fn record_stopped(spec: ServiceSpec, context: &ServiceContext) {
+    let Some(recorder) = context.audit() else {
+        return;
+    };
+    let stopped = event(
+        spec.name,
+        AuditCategory::Audit,
+        "SERVICE_STOPPED",
+        &lifecycle_details(spec, context),
+    );
+    match tokio::time::timeout(Duration::from_secs(3), recorder.record(stopped)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(error = %error, "could not record SERVICE_STOPPED"),
+        Err(_) => tracing::warn!("recording SERVICE_STOPPED timed out"),
+    }
+    recorder.close().await;
 }
 
 /// Turns gRPC health SERVING once the first secret is loaded.
@@ -576,9 +719,9 @@ pub async fn shutdown_signal() {
 
 /// The whole `main` of a service binary, in the house order: runtime, telemetry, config
 /// (exit 64 on bad values), build (log bound addresses), run until a signal, drain.
-pub fn run_main(
+pub fn run_main<C: ServiceConfig>(
     spec: ServiceSpec,
-    build_routes: impl FnOnce(&ServiceContext) -> Routes,
+    build_routes: impl FnOnce(&ServiceContext, C) -> anyhow::Result<Routes>,
 ) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -599,8 +742,8 @@ pub fn run_main(
             return ExitCode::from(70);
         }
     };
-    let config = match RuntimeConfig::load(&spec, &env) {
-        Ok(config) => config,
+    let (config, service_config) = match RuntimeConfig::load_with::<C>(&spec, &env) {
+        Ok(loaded) => loaded,
         Err(errors) => {
             eprint!("{}: {errors}", spec.name);
             tracing::error!(problems = errors.0.len(), "invalid configuration: {errors}");
@@ -608,7 +751,10 @@ pub fn run_main(
         }
     };
     let outcome = runtime.block_on(async {
-        let app = Application::build(spec, config, build_routes).await?;
+        let app = Application::build(spec, config, |context| {
+            build_routes(context, service_config)
+        })
+        .await?;
         tracing::info!(
             service = spec.name,
             version = spec.version,

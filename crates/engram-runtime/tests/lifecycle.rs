@@ -74,9 +74,11 @@ async fn harness(grace: &str, drain_delay: &str) -> Harness {
         entered: entered.clone(),
         release: release.clone(),
     };
-    let app = Application::build(SPEC, config, |_| Routes::new(AuditSinkServer::new(service)))
-        .await
-        .expect("build");
+    let app = Application::build(SPEC, config, |_| {
+        Ok(Routes::new(AuditSinkServer::new(service)))
+    })
+    .await
+    .expect("build");
     Harness {
         _bao: bao,
         app: Some(app),

@@ -64,9 +64,11 @@ async fn start(vars: &[(&str, String)]) -> Running {
     pairs.extend(vars.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
     let env = MapSource::from_pairs(pairs);
     let config = RuntimeConfig::load(&SPEC, &env).expect("valid config");
-    let app = Application::build(SPEC, config, |_| Routes::new(AuditSinkServer::new(Stub)))
-        .await
-        .expect("builds");
+    let app = Application::build(SPEC, config, |_| {
+        Ok(Routes::new(AuditSinkServer::new(Stub)))
+    })
+    .await
+    .expect("builds");
     let admin = app.admin_addr();
     let context = app.context().clone();
     let shutdown = CancellationToken::new();
@@ -282,14 +284,8 @@ async fn starting_without_vault_retries_and_stays_not_ready_until_it_appears() {
     running.stop().await;
 }
 
-async fn setup_approle(bao: &OpenBao, ttl: &str) -> (String, String) {
-    bao.api(
-        Method::POST,
-        "sys/auth/approle",
-        Some(json!({ "type": "approle" })),
-    )
-    .await
-    .expect("enable approle");
+/// The `runtime-test` policy: read the test path's data and metadata, as a service's would.
+async fn write_test_policy(bao: &OpenBao) {
     let policy = format!(
         "path \"secret/data/{PATH}\" {{ capabilities = [\"read\"] }}\npath \"secret/metadata/{PATH}\" {{ capabilities = [\"read\"] }}\n"
     );
@@ -300,6 +296,17 @@ async fn setup_approle(bao: &OpenBao, ttl: &str) -> (String, String) {
     )
     .await
     .expect("policy");
+}
+
+async fn setup_approle(bao: &OpenBao, ttl: &str) -> (String, String) {
+    bao.api(
+        Method::POST,
+        "sys/auth/approle",
+        Some(json!({ "type": "approle" })),
+    )
+    .await
+    .expect("enable approle");
+    write_test_policy(bao).await;
     bao.api(
         Method::POST,
         "auth/approle/role/runtime-test",
@@ -618,16 +625,7 @@ async fn kubernetes_auth_logs_in_with_the_service_account_token() {
     )
     .await
     .expect("config");
-    let policy = format!(
-        "path \"secret/data/{PATH}\" {{ capabilities = [\"read\"] }}\npath \"secret/metadata/{PATH}\" {{ capabilities = [\"read\"] }}\n"
-    );
-    bao.api(
-        Method::PUT,
-        "sys/policies/acl/runtime-test",
-        Some(json!({ "policy": policy })),
-    )
-    .await
-    .expect("policy");
+    write_test_policy(&bao).await;
     bao.api(
         Method::POST,
         "auth/kubernetes/role/audit-sink",

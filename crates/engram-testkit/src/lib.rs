@@ -565,3 +565,88 @@ pub async fn assert_bad_config_exits_64(bin: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The contract every service binary keeps, checked end to end: ready on a real OpenBao,
+/// gRPC health SERVING, `check` passes against its gRPC channel,
+/// `engram_build_info` and the secret version exported, a rotation picked up without restart
+/// and logged by version, a clean exit on SIGTERM, and no value from `secret` (each must
+/// contain `canary`) nor the Vault token in its output, `/metrics` or `/readyz`.
+///
+/// # Errors
+///
+/// The first broken promise, with the service's output.
+pub async fn assert_service_contract<F, Fut>(
+    bin: &str,
+    service: &str,
+    grpc_service: &str,
+    path: &str,
+    secret: Value,
+    check: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(tonic::transport::Channel) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let running = VaultBackedService::start(bin, path, secret.clone()).await?;
+    running.assert_grpc_serving(grpc_service).await?;
+    check(running.channel().await?).await?;
+    let admin = running.service.admin_addr;
+    let (code, metrics) = http_get(admin, "/metrics").await?;
+    let service_label = format!("service=\"{service}\"");
+    if code != 200 || metric_value(&metrics, "engram_build_info", &[&service_label]) != Some(1.0) {
+        bail!("no engram_build_info for {service}:\n{metrics}");
+    }
+    if metric_value(&metrics, "engram_secret_version", &[path]) != Some(1.0) {
+        bail!("secret version 1 not exported:\n{metrics}");
+    }
+
+    let mut rotated = secret;
+    for value in rotated
+        .as_object_mut()
+        .context("secret must be an object")?
+        .values_mut()
+    {
+        *value = Value::String(format!("{}-rotated", value.as_str().unwrap_or_default()));
+    }
+    running.bao.put_secret(path, rotated).await?;
+    poll_until("version 2 in use", Duration::from_secs(10), || async move {
+        let text = http_get(admin, "/metrics").await.ok()?.1;
+        (metric_value(&text, "engram_secret_version", &[path]) == Some(2.0)).then_some(())
+    })
+    .await?;
+
+    let (_, readyz) = http_get(admin, "/readyz").await?;
+    let (_, metrics) = http_get(admin, "/metrics").await?;
+    let root_token = running.bao.root_token().to_owned();
+    let output = running.stop().await?;
+    if !output.contains("secret rotated") || !output.contains("\"version\":2") {
+        bail!("the rotation to version 2 is not logged:\n{output}");
+    }
+    for (what, text) in [
+        ("output", &output),
+        ("/metrics", &metrics),
+        ("/readyz", &readyz),
+    ] {
+        if text.contains("canary") {
+            bail!("a secret value leaked into {what}:\n{text}");
+        }
+        if text.contains(&root_token) {
+            bail!("the Vault token leaked into {what}:\n{text}");
+        }
+    }
+    Ok(())
+}
+
+/// Asserts that an RPC answered UNIMPLEMENTED (a service whose logic has not landed yet).
+///
+/// # Errors
+///
+/// When it answered anything else.
+pub fn expect_unimplemented<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+) -> anyhow::Result<()> {
+    match result {
+        Err(status) if status.code() == tonic::Code::Unimplemented => Ok(()),
+        other => bail!("expected UNIMPLEMENTED, got {other:?}"),
+    }
+}

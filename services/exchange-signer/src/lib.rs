@@ -30,9 +30,16 @@ pub struct ExchangeSignerService {
 // Every method keeps the generated default: Status::unimplemented.
 impl engram_proto::v1::exchange_signer_server::ExchangeSigner for ExchangeSignerService {}
 
-/// The service's gRPC routes, built once the runtime has the context ready.
-pub fn routes(context: &ServiceContext) -> Routes {
-    Routes::new(ExchangeSignerServer::new(ExchangeSignerService {
-        context: context.clone(),
-    }))
+/// The service's gRPC routes, built once the runtime has the context ready. The service has
+/// no settings of its own yet (`()`).
+///
+/// # Errors
+///
+/// None yet; the signature is the one the runtime expects.
+pub fn routes(context: &ServiceContext, _config: ()) -> anyhow::Result<Routes> {
+    Ok(Routes::new(ExchangeSignerServer::new(
+        ExchangeSignerService {
+            context: context.clone(),
+        },
+    )))
 }

@@ -30,9 +30,14 @@ pub struct LlmAdvisorService {
 // Every method keeps the generated default: Status::unimplemented.
 impl engram_proto::v1::llm_advisor_server::LlmAdvisor for LlmAdvisorService {}
 
-/// The service's gRPC routes, built once the runtime has the context ready.
-pub fn routes(context: &ServiceContext) -> Routes {
-    Routes::new(LlmAdvisorServer::new(LlmAdvisorService {
+/// The service's gRPC routes, built once the runtime has the context ready. The service has
+/// no settings of its own yet (`()`).
+///
+/// # Errors
+///
+/// None yet; the signature is the one the runtime expects.
+pub fn routes(context: &ServiceContext, _config: ()) -> anyhow::Result<Routes> {
+    Ok(Routes::new(LlmAdvisorServer::new(LlmAdvisorService {
         context: context.clone(),
-    }))
+    })))
 }

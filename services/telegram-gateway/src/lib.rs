@@ -30,9 +30,16 @@ pub struct TelegramGatewayService {
 // Every method keeps the generated default: Status::unimplemented.
 impl engram_proto::v1::telegram_gateway_server::TelegramGateway for TelegramGatewayService {}
 
-/// The service's gRPC routes, built once the runtime has the context ready.
-pub fn routes(context: &ServiceContext) -> Routes {
-    Routes::new(TelegramGatewayServer::new(TelegramGatewayService {
-        context: context.clone(),
-    }))
+/// The service's gRPC routes, built once the runtime has the context ready. The service has
+/// no settings of its own yet (`()`).
+///
+/// # Errors
+///
+/// None yet; the signature is the one the runtime expects.
+pub fn routes(context: &ServiceContext, _config: ()) -> anyhow::Result<Routes> {
+    Ok(Routes::new(TelegramGatewayServer::new(
+        TelegramGatewayService {
+            context: context.clone(),
+        },
+    )))
 }

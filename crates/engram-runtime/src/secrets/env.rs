@@ -139,6 +139,23 @@ impl SecretSource for EnvSecretSource {
             });
         futures::future::ready(result).boxed()
     }
+
+    fn read_version<'a>(
+        &'a self,
+        path: &'a str,
+        version: u64,
+    ) -> BoxFuture<'a, Result<SecretBundle, SecretError>> {
+        // The environment has exactly one version.
+        let result = self
+            .bundles
+            .get(path)
+            .filter(|bundle| bundle.version() == version)
+            .cloned()
+            .ok_or_else(|| SecretError::NotFound {
+                path: format!("{path} version {version}"),
+            });
+        futures::future::ready(result).boxed()
+    }
 }
 
 /// Parses a `.env` file: `NAME=value` lines, `#` comments, optional `export ` prefix, and

@@ -144,6 +144,14 @@ pub trait SecretSource: Send + Sync + 'static {
 
     /// Reads the newest version at `path`.
     fn read<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<SecretBundle, SecretError>>;
+
+    /// Reads one given version at `path` (for example an older audit key, to verify what it
+    /// signed).
+    fn read_version<'a>(
+        &'a self,
+        path: &'a str,
+        version: u64,
+    ) -> BoxFuture<'a, Result<SecretBundle, SecretError>>;
 }
 
 #[cfg(test)]

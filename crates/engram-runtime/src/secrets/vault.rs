@@ -411,9 +411,24 @@ impl SecretSource for VaultSource {
     }
 
     fn read<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<SecretBundle, SecretError>> {
-        async move {
+        self.read_at(path, None).boxed()
+    }
+
+    fn read_version<'a>(
+        &'a self,
+        path: &'a str,
+        version: u64,
+    ) -> BoxFuture<'a, Result<SecretBundle, SecretError>> {
+        self.read_at(path, Some(version)).boxed()
+    }
+}
+
+impl VaultSource {
+    /// Reads `version` (or the newest) with its metadata.
+    async fn read_at(&self, path: &str, version: Option<u64>) -> Result<SecretBundle, SecretError> {
+        {
             let metadata = self.read_metadata(path).await?;
-            let version = metadata.current_version;
+            let version = version.unwrap_or(metadata.current_version);
             if version == 0 {
                 return Err(SecretError::NotFound {
                     path: path.to_owned(),
@@ -452,7 +467,6 @@ impl SecretSource for VaultSource {
                 fields,
             ))
         }
-        .boxed()
     }
 }
 
