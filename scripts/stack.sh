@@ -176,7 +176,11 @@ stop_group() { # NAME...
 }
 
 cmd_down() {
-    stop_group "${SERVICES[@]}"
+    # The audit sink goes last, so it records the others' SERVICE_STOPPED.
+    local clients=() svc
+    for svc in "${SERVICES[@]}"; do [[ $svc == audit-sink ]] || clients+=("$svc"); done
+    stop_group "${clients[@]}"
+    stop_group audit-sink
     stop_group openbao
     rm -f "$RUN_DIR/openbao.port"
     # The AppRole credentials died with the in-memory dev server; `up` issues new ones.
@@ -406,6 +410,13 @@ start_service() { # NAME
         export ENGRAM_VAULT_ROLE_ID
         export ENGRAM_VAULT_SECRET_ID_FILE="$RUN_DIR/$svc.secret_id"
         export ENGRAM_LOG_FORMAT="${ENGRAM_LOG_FORMAT:-json}"
+        if [[ $svc == audit-sink ]]; then
+            # The trail stays in .engram/audit across restarts, for `engramctl audit verify`.
+            export ENGRAM_AUDIT_DIR="$STATE/audit"
+        else
+            # Every other service records SERVICE_STARTED / SERVICE_STOPPED there.
+            export ENGRAM_AUDIT_ADDR="http://127.0.0.1:${GRPC_PORT[audit-sink]}"
+        fi
         exec nohup setsid "$bin" >"$log" 2>&1 </dev/null
     ) &
     pid=$!
