@@ -301,10 +301,30 @@ impl ServiceProcess {
     ///
     /// When it cannot start or exits before listening; the output is in the message.
     pub async fn spawn(bin: &str, env: &[(&str, String)]) -> anyhow::Result<Self> {
+        Self::spawn_wrapped(&[], bin, env).await
+    }
+
+    /// As [`Self::spawn`], run under `wrapper` (for example `["prlimit", "--fsize=65536"]`).
+    ///
+    /// # Errors
+    ///
+    /// When it cannot start or exits before listening; the output is in the message.
+    pub async fn spawn_wrapped(
+        wrapper: &[&str],
+        bin: &str,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let output = dir.path().join("output.log");
         let file = std::fs::File::create(&output)?;
-        let mut command = Command::new(bin);
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(bin);
+                command
+            }
+            None => Command::new(bin),
+        };
         command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -358,6 +378,21 @@ impl ServiceProcess {
             output,
             _dir: dir,
         })
+    }
+
+    /// Kills the process with SIGKILL (a crash: no shutdown code runs) and reaps it.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be killed.
+    pub async fn kill_hard(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Everything the process wrote so far (stdout and stderr).

@@ -182,9 +182,27 @@ pub fn routes(context: &ServiceContext, config: AuditConfig) -> anyhow::Result<R
         }
     });
     context.set_audit_recorder(Arc::new(LocalRecorder { log: log.clone() }));
+    survive_file_size_limit();
     Ok(Routes::new(AuditSinkServer::new(AuditSinkService::new(
         log, keys, metrics,
     ))))
+}
+
+/// A write past `RLIMIT_FSIZE` raises SIGXFSZ, whose default action kills the process. The
+/// sink must instead see the failed write (EFBIG), roll it back and answer UNAVAILABLE, as for
+/// a full disk: installing a handler replaces that default.
+fn survive_file_size_limit() {
+    const SIGXFSZ: i32 = 25;
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(SIGXFSZ)) {
+        Ok(mut signals) => {
+            tokio::spawn(async move {
+                while signals.recv().await.is_some() {
+                    tracing::warn!(target: "security", "file size limit reached (SIGXFSZ)");
+                }
+            });
+        }
+        Err(error) => tracing::warn!(error = %error, "cannot handle SIGXFSZ"),
+    }
 }
 
 /// Creates and removes a probe file: the real test of writability (permissions, read-only
