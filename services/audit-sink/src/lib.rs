@@ -59,6 +59,9 @@ pub struct AuditConfig {
     pub checkpoint_interval: Duration,
     /// Detail fields stored as HMACs (`ENGRAM_AUDIT_SENSITIVE_FIELDS`, comma-separated).
     pub sensitive_fields: Vec<String>,
+    /// How often the sink verifies its own trail (`ENGRAM_AUDIT_VERIFY_INTERVAL_SECS`,
+    /// default 3600), so tampering is noticed without anyone asking.
+    pub verify_interval: Duration,
 }
 
 impl ServiceConfig for AuditConfig {
@@ -95,12 +98,17 @@ impl ServiceConfig for AuditConfig {
                 "must be a comma-separated list of field names",
             );
         }
+        let verify_interval = reader.positive_secs_or(
+            "ENGRAM_AUDIT_VERIFY_INTERVAL_SECS",
+            Duration::from_secs(3600),
+        );
         Self {
             dir,
             segment_max_bytes,
             checkpoint_every,
             checkpoint_interval,
             sensitive_fields,
+            verify_interval,
         }
     }
 }
@@ -167,7 +175,7 @@ pub fn routes(context: &ServiceContext, config: AuditConfig) -> anyhow::Result<R
     let head = log.head();
     tracing::info!(dir = %config.dir.display(), head_sequence = head.seq, segments = head.segments, "audit log open");
 
-    let dir = config.dir;
+    let dir = config.dir.clone();
     context.readiness.add_check("audit_dir", move || {
         let dir = dir.clone();
         async move {
@@ -183,9 +191,39 @@ pub fn routes(context: &ServiceContext, config: AuditConfig) -> anyhow::Result<R
     });
     context.set_audit_recorder(Arc::new(LocalRecorder { log: log.clone() }));
     survive_file_size_limit();
-    Ok(Routes::new(AuditSinkServer::new(AuditSinkService::new(
-        log, keys, metrics,
-    ))))
+    let service = AuditSinkService::new(log, keys, metrics);
+    spawn_periodic_verify(
+        service.clone(),
+        config.verify_interval,
+        context.shutdown.clone(),
+    );
+    Ok(Routes::new(AuditSinkServer::new(service)))
+}
+
+/// Verifies the trail every `interval` (first after one interval) until shutdown; a failure
+/// is counted and logged by `run_verify`.
+fn spawn_periodic_verify(
+    service: AuditSinkService,
+    interval: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            match service.run_verify().await {
+                Ok(report) if report.ok => {
+                    tracing::info!(records = report.records_checked, "audit trail verified")
+                }
+                Ok(_) => {}
+                Err(status) => {
+                    tracing::error!(error = %status.message(), "periodic audit verification failed to run")
+                }
+            }
+        }
+    });
 }
 
 /// A write past `RLIMIT_FSIZE` raises SIGXFSZ, whose default action kills the process. The

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use engram_audit::format::{CHECKPOINT_FILE, Checkpoint as StoredCheckpoint, list_segments};
 use engram_audit::record::{Record, RecordActor};
-use engram_audit::verify::verify_dir;
+use engram_audit::verify::{VerifyReport, verify_dir};
 use engram_proto::v1::audit_sink_server::AuditSink;
 use engram_proto::v1::{
     Actor, AppendBatchRequest, AppendBatchResponse, AppendRequest, AppendResponse, AuditCategory,
@@ -44,6 +44,38 @@ impl AuditSinkService {
     /// A service over an open log.
     pub fn new(log: AuditLog, keys: KeyRing, metrics: AuditMetrics) -> Self {
         Self { log, keys, metrics }
+    }
+
+    /// Verifies the whole directory with every key version its checkpoints name; a failure
+    /// is counted and logged as a security event.
+    ///
+    /// # Errors
+    ///
+    /// INTERNAL when the directory cannot be read.
+    pub async fn run_verify(&self) -> Result<VerifyReport, Status> {
+        let dir = self.log.dir().to_path_buf();
+        let versions = checkpoint_key_versions(&dir);
+        let keys = Arc::new(self.keys.keys_for(versions).await);
+        let report = tokio::task::spawn_blocking(move || {
+            verify_dir(&dir, &|version| keys.get(&version).map(|k| k.to_vec()))
+        })
+        .await
+        .map_err(|_| Status::internal("verification did not finish"))?
+        .map_err(|error| {
+            tracing::error!(error = %error, "cannot read the audit directory");
+            Status::internal("cannot read the audit directory")
+        })?;
+        if !report.ok {
+            self.metrics.verify_failures.inc();
+            tracing::error!(
+                target: "security",
+                first_bad_sequence = report.first_bad_seq,
+                segment = %report.first_bad_segment,
+                reason = %report.reason,
+                "AUDIT VERIFY FAILED: the audit trail does not verify"
+            );
+        }
+        Ok(report)
     }
 
     async fn append_checked(&self, events: Vec<NewEvent>) -> Result<Vec<Ack>, Status> {
@@ -422,28 +454,7 @@ impl AuditSink for AuditSinkService {
         &self,
         _request: Request<VerifyRequest>,
     ) -> Result<Response<VerifyResponse>, Status> {
-        let dir = self.log.dir().to_path_buf();
-        let versions = checkpoint_key_versions(&dir);
-        let keys = Arc::new(self.keys.keys_for(versions).await);
-        let report = tokio::task::spawn_blocking(move || {
-            verify_dir(&dir, &|version| keys.get(&version).map(|k| k.to_vec()))
-        })
-        .await
-        .map_err(|_| Status::internal("verification did not finish"))?
-        .map_err(|error| {
-            tracing::error!(error = %error, "cannot read the audit directory");
-            Status::internal("cannot read the audit directory")
-        })?;
-        if !report.ok {
-            self.metrics.verify_failures.inc();
-            tracing::error!(
-                target: "security",
-                first_bad_sequence = report.first_bad_seq,
-                segment = %report.first_bad_segment,
-                reason = %report.reason,
-                "AUDIT VERIFY FAILED: the audit trail does not verify"
-            );
-        }
+        let report = self.run_verify().await?;
         Ok(Response::new(VerifyResponse {
             ok: report.ok,
             records_checked: report.records_checked,

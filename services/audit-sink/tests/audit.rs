@@ -716,3 +716,50 @@ async fn readyz_is_503_when_the_directory_cannot_be_written() {
         .expect_err("cannot write");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_verifies_itself_periodically_and_reports_tampering() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = start(
+        dir.path(),
+        &[("ENGRAM_AUDIT_VERIFY_INTERVAL_SECS", "0.3".to_owned())],
+    )
+    .await;
+    let mut client = client(&running).await;
+    settled(&client).await;
+    client
+        .append(append(event(
+            "CONFIG_CHANGED",
+            json!({ "setting": "max_position_size" }),
+        )))
+        .await
+        .expect("append");
+    let (_, path) = list_segments(dir.path())
+        .expect("segments")
+        .pop()
+        .expect("segment");
+    let text = std::fs::read_to_string(&path).expect("read");
+    std::fs::write(
+        &path,
+        text.replace("max_position_size", "max_position_sizf"),
+    )
+    .expect("tamper");
+
+    let admin = running.service.admin_addr;
+    poll_until(
+        "a verify failure counted",
+        Duration::from_secs(10),
+        || async move {
+            let text = http_get(admin, "/metrics").await.ok()?.1;
+            (metric_value(&text, "engram_audit_verify_failures_total", &[]).unwrap_or(0.0) >= 1.0)
+                .then_some(())
+        },
+    )
+    .await
+    .expect("tampering noticed without a Verify call");
+    let output = running.stop().await.expect("stop");
+    assert!(
+        output.contains("AUDIT VERIFY FAILED"),
+        "logged as a security event"
+    );
+}

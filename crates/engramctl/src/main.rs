@@ -1,0 +1,177 @@
+//! `engramctl`, the operator's tool. `engramctl audit verify DIR` checks an audit directory
+//! offline: the hash chain across segments and every checkpoint (signatures too, when the
+//! audit keys are given in a file or on standard input, never on the command line).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use engram_audit::verify::verify_dir;
+use zeroize::Zeroizing;
+
+/// Exit code when the audit trail does not verify.
+const EXIT_BAD_TRAIL: u8 = 1;
+/// Exit code for bad usage or unreadable input (EX_USAGE is 64 elsewhere; clap uses 2).
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(name = "engramctl", version, about = "Operate an Engram installation.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Verify an audit directory offline and name the first bad record.
+    Verify {
+        /// The audit directory (segments and checkpoints.jsonl).
+        dir: PathBuf,
+        /// A JSON file mapping key versions to audit keys, e.g. {"1": "...", "2": "..."};
+        /// `-` reads it from standard input. Without it, signatures are reported unchecked.
+        #[arg(long, value_name = "FILE")]
+        keys: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+type Keys = BTreeMap<u64, Zeroizing<Vec<u8>>>;
+
+/// Parses the keys file: a JSON object of version → key.
+fn parse_keys(text: &str) -> Result<Keys, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("the keys file is not JSON: {e}"))?;
+    let object = value
+        .as_object()
+        .ok_or("the keys file must be a JSON object of version -> key")?;
+    let mut keys = Keys::new();
+    for (version, key) in object {
+        let version: u64 = version
+            .parse()
+            .map_err(|_| format!("key version {version:?} is not a number"))?;
+        let key = key
+            .as_str()
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| format!("the key of version {version} must be a non-empty string"))?;
+        keys.insert(version, Zeroizing::new(key.as_bytes().to_vec()));
+    }
+    Ok(keys)
+}
+
+fn read_keys(path: &Path) -> Result<Keys, String> {
+    let mut text = Zeroizing::new(String::new());
+    if path == Path::new("-") {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| format!("cannot read keys from standard input: {e}"))?;
+    } else {
+        *text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    }
+    parse_keys(&text)
+}
+
+fn audit_verify(dir: &Path, keys: Option<&Path>, json: bool) -> ExitCode {
+    if !dir.is_dir() {
+        eprintln!("engramctl: {} is not a directory", dir.display());
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let keys = match keys.map(read_keys).transpose() {
+        Ok(keys) => keys.unwrap_or_default(),
+        Err(message) => {
+            eprintln!("engramctl: {message}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let report = match verify_dir(dir, &|version| keys.get(&version).map(|k| k.to_vec())) {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("engramctl: cannot read {}: {error}", dir.display());
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if json {
+        let value = serde_json::json!({
+            "ok": report.ok,
+            "records_checked": report.records_checked,
+            "checkpoints_checked": report.checkpoints_checked,
+            "signatures_unchecked": report.signatures_unchecked,
+            "first_bad_sequence": report.first_bad_seq,
+            "first_bad_segment": report.first_bad_segment,
+            "reason": report.reason,
+        });
+        println!("{value}");
+    } else if report.ok {
+        println!(
+            "OK: {} records, {} checkpoints verified{}",
+            report.records_checked,
+            report.checkpoints_checked,
+            if report.signatures_unchecked > 0 {
+                format!(
+                    " ({} signatures unchecked: give --keys)",
+                    report.signatures_unchecked
+                )
+            } else {
+                String::new()
+            }
+        );
+    } else {
+        println!(
+            "FAILED at record {} ({}): {}\n{} records verified before it",
+            report.first_bad_seq, report.first_bad_segment, report.reason, report.records_checked
+        );
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_BAD_TRAIL)
+    }
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Audit {
+            command: AuditCommand::Verify { dir, keys, json },
+        } => audit_verify(&dir, keys.as_deref(), json),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_file_is_a_version_to_key_object() {
+        let keys = parse_keys(r#"{"1":"a","2":"b"}"#).expect("valid");
+        assert_eq!(keys.len(), 2);
+        for bad in [
+            "[]",
+            "not json",
+            r#"{"one":"a"}"#,
+            r#"{"1":""}"#,
+            r#"{"1":5}"#,
+        ] {
+            let error = parse_keys(bad).expect_err(bad);
+            assert!(!error.is_empty());
+        }
+    }
+
+    #[test]
+    fn errors_never_echo_a_key() {
+        let error = parse_keys(r#"{"x":"super-secret-key"}"#).expect_err("bad version");
+        assert!(!error.contains("super-secret-key"), "{error}");
+    }
+}
