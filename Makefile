@@ -16,7 +16,7 @@ STACK := scripts/stack.sh
 # Steps `make test` runs in order after `setup`; add new suites here (e.g. policy or chart checks).
 TEST_STEPS := lint test-rust
 
-.PHONY: help setup build test test-rust lint fmt up down status logs demo clean clean-all
+.PHONY: help setup build test test-rust lint fmt up down status logs verify-audit demo clean clean-all
 
 ## help: list the targets
 help:
@@ -85,6 +85,10 @@ down:
 ## status: show the local stack's processes and readiness
 status:
 	$(STACK) status
+
+## verify-audit: verify the local audit trail (.engram/audit) offline with engramctl
+verify-audit:
+	$(STACK) verify
 
 ## logs: follow the local stack's logs
 logs:

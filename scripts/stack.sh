@@ -12,6 +12,7 @@ Usage: scripts/stack.sh <command>
   down    stop the services, then OpenBao (SIGTERM, then SIGKILL after a deadline)
   status  show each process and its /readyz (OpenBao: /v1/sys/health) status code
   logs    follow every log (tail -F)
+  verify  verify the local audit trail (.engram/audit) with engramctl
 
 Environment:
   ENGRAM_VAULT_PORT          OpenBao dev listener port (default 8200; it also takes port+1)
@@ -558,8 +559,18 @@ cmd_logs() {
     tail -n 20 -F "${logs[@]}" | redact
 }
 
+# Verifies the local audit trail offline with engramctl; the dev audit key (version 1 in the
+# dev Vault) goes to it on standard input, never on a command line.
+cmd_verify() {
+    [[ -d $STATE/audit ]] || die "no audit trail yet: run 'make up' first"
+    [[ -f $DEV_SECRETS ]] || die "no dev secrets in $(rel "$DEV_SECRETS")"
+    [[ -n ${ENGRAM_SKIP_BUILD:-} ]] || (cd "$ROOT" && cargo build --quiet -p engramctl)
+    jq -c '{"1": .hmac_key}' "$DEV_SECRETS" | "$BIN_DIR/engramctl" audit verify "$STATE/audit" --keys -
+}
+
 case "${1:-}" in
     up) cmd_up ;;
+    verify) cmd_verify ;;
     down) cmd_down ;;
     status) cmd_status ;;
     logs) cmd_logs ;;
