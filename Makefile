@@ -16,7 +16,7 @@ STACK := scripts/stack.sh
 # Steps `make test` runs in order after `setup`; add new suites here (e.g. policy or chart checks).
 TEST_STEPS := lint test-rust
 
-.PHONY: help setup build test test-rust lint fmt up down status logs verify-audit demo clean clean-all
+.PHONY: help setup build test test-rust lint fmt up down status logs verify-audit bench-audit demo clean clean-all
 
 ## help: list the targets
 help:
@@ -69,6 +69,11 @@ lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	scripts/secret-scan.sh
+
+## bench-audit: audit sink throughput and latency over gRPC, with its baselines (release build)
+bench-audit:
+	$(CARGO) build --release -p audit-sink -p engram-bench
+	taskset -c 1 target/release/audit-bench --sink target/release/audit-sink --sink-cpu 0
 
 ## fmt: format the Rust code
 fmt:

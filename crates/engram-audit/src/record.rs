@@ -63,13 +63,50 @@ pub struct Record {
 impl Record {
     /// The hash this record should carry: SHA-256 over its canonical form without `hash`.
     pub fn compute_hash(&self) -> String {
-        let mut value = serde_json::to_value(self).unwrap_or(Value::Null);
-        if let Value::Object(map) = &mut value {
-            map.remove("hash");
+        hex(&Sha256::digest(self.canonical_without_hash().as_bytes()))
+    }
+
+    /// The canonical form (keys sorted, no whitespace) of every field but `hash`, written
+    /// field by field: the same bytes as `write_canonical` of the record's JSON object
+    /// (a test holds the two together), without building that object on the hot path.
+    pub fn canonical_without_hash(&self) -> String {
+        let mut out = String::with_capacity(256 + self.details.len() * 32);
+        let string = push_json_string;
+        out.push_str("{\"action\":");
+        string(&mut out, &self.action);
+        out.push_str(",\"actor\":{\"service\":");
+        string(&mut out, &self.actor.service);
+        // Keys sorted: service < telegram_chat_id < telegram_user_id.
+        if let Some(chat) = self.actor.telegram_chat_id {
+            out.push_str(&format!(",\"telegram_chat_id\":{chat}"));
         }
-        let mut canonical = String::new();
-        write_canonical(&value, &mut canonical);
-        hex(&Sha256::digest(canonical.as_bytes()))
+        if let Some(user) = self.actor.telegram_user_id {
+            out.push_str(&format!(",\"telegram_user_id\":{user}"));
+        }
+        out.push_str("},\"category\":");
+        string(&mut out, &self.category);
+        out.push_str(",\"correlation_id\":");
+        string(&mut out, &self.correlation_id);
+        out.push_str(",\"details\":");
+        write_canonical_map(&self.details, &mut out);
+        if !self.idempotency_key.is_empty() {
+            out.push_str(",\"idempotency_key\":");
+            string(&mut out, &self.idempotency_key);
+        }
+        out.push_str(&format!(",\"key_version\":{}", self.key_version));
+        if let Some(occurred) = &self.occurred_at {
+            out.push_str(",\"occurred_at\":");
+            string(&mut out, occurred);
+        }
+        out.push_str(",\"prev_hash\":");
+        string(&mut out, &self.prev_hash);
+        out.push_str(&format!(",\"seq\":{}", self.seq));
+        out.push_str(",\"trace_id\":");
+        string(&mut out, &self.trace_id);
+        out.push_str(",\"ts\":");
+        string(&mut out, &self.ts);
+        out.push('}');
+        out
     }
 
     /// Fills in `hash` from the other fields.
@@ -83,26 +120,36 @@ impl Record {
         // Serializing a struct of strings, numbers and JSON values cannot fail.
         serde_json::to_string(self).unwrap_or_default()
     }
+
+    /// Appends the JSON line and its newline to `out` (the writer's group buffer).
+    pub fn write_line(&self, out: &mut Vec<u8>) {
+        if serde_json::to_writer(&mut *out, self).is_ok() {
+            out.push(b'\n');
+        }
+    }
+}
+
+/// Writes a JSON object canonically (see [`write_canonical`]).
+pub fn write_canonical_map(map: &Map<String, Value>, out: &mut String) {
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort();
+    out.push('{');
+    for (index, key) in keys.into_iter().enumerate() {
+        if index > 0 {
+            out.push(',');
+        }
+        push_json_string(out, key);
+        out.push(':');
+        write_canonical(&map[key], out);
+    }
+    out.push('}');
 }
 
 /// Writes `value` as canonical JSON: object keys sorted at every level, no whitespace.
 /// Independent of serde_json's map ordering features, which another crate could switch on.
 pub fn write_canonical(value: &Value, out: &mut String) {
     match value {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (index, key) in keys.into_iter().enumerate() {
-                if index > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(key.clone()).to_string());
-                out.push(':');
-                write_canonical(&map[key], out);
-            }
-            out.push('}');
-        }
+        Value::Object(map) => write_canonical_map(map, out),
         Value::Array(items) => {
             out.push('[');
             for (index, item) in items.iter().enumerate() {
@@ -117,15 +164,24 @@ pub fn write_canonical(value: &Value, out: &mut String) {
     }
 }
 
-/// Lower-case hex.
+/// Lower-case hex (a table lookup: this runs twice per record on the write path).
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    out
+}
+
+/// Appends `text` as a JSON string literal (quoted and escaped as serde_json does).
+fn push_json_string(out: &mut String, text: &str) {
+    match serde_json::to_string(text) {
+        Ok(quoted) => out.push_str(&quoted),
+        // Serializing a &str cannot fail.
+        Err(_) => out.push_str("\"\""),
+    }
 }
 
 #[cfg(test)]
@@ -180,6 +236,28 @@ mod tests {
             .details
             .insert("amount".to_owned(), Value::String("0.02".to_owned()));
         assert_ne!(edited.compute_hash(), sealed.hash, "details are covered");
+    }
+
+    #[test]
+    fn the_fast_canonical_form_equals_the_generic_one() {
+        let mut variants = vec![record()];
+        let mut full = record();
+        full.actor.telegram_chat_id = Some(-100);
+        full.occurred_at = Some("2026-12-03T00:00:00.000000001Z".to_owned());
+        full.idempotency_key = "nonce-\"quoted\"".to_owned();
+        full.trace_id = "4bf92f3577b34da6a3ce929d0e0e4736".to_owned();
+        full.details =
+            serde_json::from_str(r#"{"z":[1,{"b":2,"a":"é\n"}],"a":null}"#).expect("json");
+        variants.push(full);
+        for record in variants {
+            let mut value = serde_json::to_value(&record).expect("value");
+            if let Value::Object(map) = &mut value {
+                map.remove("hash");
+            }
+            let mut generic = String::new();
+            write_canonical(&value, &mut generic);
+            assert_eq!(record.canonical_without_hash(), generic);
+        }
     }
 
     #[test]

@@ -494,7 +494,9 @@ impl Writer {
         let mut labels = Vec::with_capacity(total);
         let mut new_keys: HashMap<String, Ack> = HashMap::new();
         let (mut seq, mut prev) = (self.next_seq, self.prev_hash.clone());
-        for (events, _) in &group {
+        let mut replies = Vec::with_capacity(group.len());
+        for (events, reply) in group {
+            replies.push(reply);
             let mut acks = Vec::with_capacity(events.len());
             for event in events {
                 if !event.idempotency_key.is_empty()
@@ -507,34 +509,34 @@ impl Writer {
                     acks.push(first.clone());
                     continue;
                 }
-                let mut details = event.details.clone();
+                let mut details = event.details;
                 redact_sensitive(&mut details, &key, &self.settings.sensitive_fields);
+                let idempotency_key = event.idempotency_key;
                 let record = Record {
                     seq,
                     ts: ts.clone(),
-                    category: event.category.clone(),
-                    action: event.action.clone(),
-                    actor: event.actor.clone(),
+                    category: event.category,
+                    action: event.action,
+                    actor: event.actor,
                     details,
-                    correlation_id: event.correlation_id.clone(),
-                    trace_id: event.trace_id.clone(),
-                    occurred_at: event.occurred_at.clone(),
-                    idempotency_key: event.idempotency_key.clone(),
+                    correlation_id: event.correlation_id,
+                    trace_id: event.trace_id,
+                    occurred_at: event.occurred_at,
+                    idempotency_key: idempotency_key.clone(),
                     key_version,
                     prev_hash: prev,
                     hash: String::new(),
                 }
                 .seal();
-                bytes.extend_from_slice(record.to_line().as_bytes());
-                bytes.push(b'\n');
+                record.write_line(&mut bytes);
                 labels.push((record.category.clone(), record.action.clone()));
                 let ack = Ack {
                     seq,
                     hash: record.hash.clone(),
                     ts: ts.clone(),
                 };
-                if !event.idempotency_key.is_empty() {
-                    new_keys.insert(event.idempotency_key.clone(), ack.clone());
+                if !idempotency_key.is_empty() {
+                    new_keys.insert(idempotency_key, ack.clone());
                 }
                 acks.push(ack);
                 prev = record.hash;
@@ -545,7 +547,7 @@ impl Writer {
 
         if bytes.is_empty() {
             // Every event was a retry: nothing to write.
-            for ((_, reply), acks) in group.into_iter().zip(acks_per_job) {
+            for (reply, acks) in replies.into_iter().zip(acks_per_job) {
                 let _ = reply.send(Ok(acks));
             }
             return;
@@ -571,7 +573,7 @@ impl Writer {
                     head.clone()
                 };
                 self.observer.head(&head);
-                for ((_, reply), acks) in group.into_iter().zip(acks_per_job) {
+                for (reply, acks) in replies.into_iter().zip(acks_per_job) {
                     let _ = reply.send(Ok(acks));
                 }
             }
@@ -590,7 +592,7 @@ impl Writer {
                     }
                 };
                 self.observer.failed(&error);
-                for (_, reply) in group {
+                for reply in replies {
                     let _ = reply.send(Err(error.clone()));
                 }
             }

@@ -127,6 +127,7 @@ pub fn validate(request: AppendRequest) -> Result<NewEvent, Status> {
         idempotency_key,
     } = request;
     let event: AuditEvent = event.ok_or_else(|| Status::invalid_argument("event is required"))?;
+    let event_size_probe = prost::Message::encoded_len(&event);
     let category = category_name(event.category)?;
     if !is_action(&event.action) {
         return Err(Status::invalid_argument(
@@ -173,11 +174,8 @@ pub fn validate(request: AppendRequest) -> Result<NewEvent, Status> {
         .map(timestamp_to_rfc3339)
         .transpose()
         .map_err(|reason| Status::invalid_argument(format!("event.occurred_at: {reason}")))?;
-    let size = serde_json::Value::Object(details.clone()).to_string().len()
-        + event.action.len()
-        + actor.service.len()
-        + event.correlation_id.len()
-        + idempotency_key.len();
+    // The event's size as it arrived (protobuf); its JSON form is of the same order.
+    let size = event_size_probe + idempotency_key.len();
     if size > MAX_EVENT_BYTES {
         return Err(Status::invalid_argument(format!(
             "event is {size} bytes, over the {MAX_EVENT_BYTES}-byte limit"

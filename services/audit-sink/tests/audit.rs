@@ -6,7 +6,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use engram_audit::format::{CHECKPOINT_FILE, list_segments};
-use engram_audit::record::Record;
 use engram_audit::redact::hmac_value;
 use engram_proto::v1::audit_sink_client::AuditSinkClient;
 use engram_proto::v1::{
@@ -16,6 +15,9 @@ use engram_proto::v1::{
 use engram_testkit::{VaultBackedService, http_get, metric_value, poll_until};
 use serde_json::json;
 use tonic::transport::Channel;
+
+mod common;
+use common::records;
 
 const BIN: &str = env!("CARGO_BIN_EXE_audit-sink");
 const KEY_V1: &str = "audit-key-v1-for-tests";
@@ -74,21 +76,6 @@ fn append(event: AuditEvent) -> AppendRequest {
     }
 }
 
-/// Every record on disk, in order.
-fn records(dir: &Path) -> Vec<Record> {
-    list_segments(dir)
-        .expect("segments")
-        .into_iter()
-        .flat_map(|(_, path)| {
-            std::fs::read_to_string(path)
-                .expect("read")
-                .lines()
-                .map(|l| serde_json::from_str::<Record>(l).expect("every line is a record"))
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 async fn head_seq(client: &mut AuditSinkClient<Channel>) -> u64 {
     client
         .head(HeadRequest {})
@@ -96,6 +83,17 @@ async fn head_seq(client: &mut AuditSinkClient<Channel>) -> u64 {
         .expect("head")
         .into_inner()
         .sequence
+}
+
+/// A sink whose SERVICE_STARTED is already recorded, and a client.
+async fn start_settled(
+    dir: &Path,
+    extra: &[(&str, String)],
+) -> (VaultBackedService, AuditSinkClient<Channel>) {
+    let running = start(dir, extra).await;
+    let client = client(&running).await;
+    settled(&client).await;
+    (running, client)
 }
 
 /// Waits until SERVICE_STARTED is in, so tests count from a known head.
@@ -296,9 +294,7 @@ async fn bad_events_get_invalid_argument_and_nothing_is_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sensitive_details_are_stored_as_hmacs_that_can_be_matched() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let running = start(dir.path(), &[]).await;
-    let mut client = client(&running).await;
-    settled(&client).await;
+    let (running, mut client) = start_settled(dir.path(), &[]).await;
     client
         .append(append(event(
             "SECRET_ROTATED",
@@ -330,9 +326,7 @@ async fn sensitive_details_are_stored_as_hmacs_that_can_be_matched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_filters_by_action_category_actor_time_and_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let running = start(dir.path(), &[]).await;
-    let mut client = client(&running).await;
-    settled(&client).await;
+    let (running, mut client) = start_settled(dir.path(), &[]).await;
     for i in 0..5 {
         client
             .append(append(event("TRADE_EXECUTED", json!({ "i": i }))))
@@ -456,9 +450,7 @@ async fn query_filters_by_action_category_actor_time_and_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_passes_and_then_names_an_edited_record_and_counts_the_failure() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let running = start(dir.path(), &[]).await;
-    let mut client = client(&running).await;
-    settled(&client).await;
+    let (running, mut client) = start_settled(dir.path(), &[]).await;
     for i in 0..12 {
         client
             .append(append(event(
@@ -512,9 +504,7 @@ async fn verify_passes_and_then_names_an_edited_record_and_counts_the_failure() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_audit_key_starts_a_new_version_and_verification_spans_both() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let running = start(dir.path(), &[]).await;
-    let mut client = client(&running).await;
-    settled(&client).await;
+    let (running, mut client) = start_settled(dir.path(), &[]).await;
     for i in 0..6 {
         client
             .append(append(event("TRADE_EXECUTED", json!({ "i": i }))))
@@ -631,9 +621,7 @@ async fn lifecycle_records_and_a_final_checkpoint_survive_a_clean_stop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotency_key_records_once_even_across_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let running = start(dir.path(), &[]).await;
-    let mut client = client(&running).await;
-    settled(&client).await;
+    let (running, mut client) = start_settled(dir.path(), &[]).await;
     let request = AppendRequest {
         event: Some(event("ORDER_REQUESTED", json!({ "n": 1 }))),
         idempotency_key: "nonce-123".to_owned(),
@@ -720,13 +708,11 @@ async fn readyz_is_503_when_the_directory_cannot_be_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sink_verifies_itself_periodically_and_reports_tampering() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let running = start(
+    let (running, mut client) = start_settled(
         dir.path(),
         &[("ENGRAM_AUDIT_VERIFY_INTERVAL_SECS", "0.3".to_owned())],
     )
     .await;
-    let mut client = client(&running).await;
-    settled(&client).await;
     client
         .append(append(event(
             "CONFIG_CHANGED",

@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use engram_audit::format::list_segments;
-use engram_audit::record::Record;
 use engram_proto::v1::audit_sink_client::AuditSinkClient;
 use engram_proto::v1::{
     Actor, AppendRequest, AuditCategory, AuditEvent, HeadRequest, VerifyRequest,
@@ -14,6 +13,9 @@ use engram_proto::v1::{
 use engram_testkit::{OpenBao, ServiceProcess, poll_until};
 use serde_json::json;
 use tonic::transport::Channel;
+
+mod common;
+use common::records;
 
 const BIN: &str = env!("CARGO_BIN_EXE_audit-sink");
 
@@ -83,20 +85,6 @@ async fn spawn(
     (service, client)
 }
 
-fn on_disk(dir: &std::path::Path) -> Vec<Record> {
-    list_segments(dir)
-        .expect("segments")
-        .into_iter()
-        .flat_map(|(_, p)| {
-            std::fs::read_to_string(p)
-                .expect("read")
-                .lines()
-                .map(|l| serde_json::from_str::<Record>(l).expect("whole record"))
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_loses_no_acknowledged_record() {
     let bao = OpenBao::start().await.expect("openbao");
@@ -149,7 +137,7 @@ async fn sigkill_under_load_loses_no_acknowledged_record() {
     drop(torn);
 
     let (service, mut client) = spawn(&bao, dir.path(), &[]).await;
-    let records = on_disk(dir.path());
+    let records = records(dir.path());
     let by_seq: std::collections::HashMap<u64, &str> =
         records.iter().map(|r| (r.seq, r.hash.as_str())).collect();
     for (seq, hash) in &acked {
@@ -206,7 +194,7 @@ async fn a_failed_write_answers_unavailable_and_leaves_no_half_record() {
     let last_ok = last_ok.expect("some appends fit");
 
     // Nothing of the failed append is on disk; the chain ends at the last acknowledged record.
-    let records = on_disk(dir.path());
+    let records = records(dir.path());
     assert_eq!(
         records.last().map(|r| (r.seq, r.hash.clone())),
         Some((last_ok.sequence, last_ok.hash.clone()))
