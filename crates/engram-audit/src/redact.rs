@@ -61,7 +61,7 @@ mod tests {
     #[test]
     fn sensitive_fields_are_replaced_at_any_depth_and_can_be_matched() {
         let mut details: Map<String, Value> = serde_json::from_str(
-            r#"{"api_key":"sk-123","nested":{"Token":"t-9","keep":"x"},"list":[{"password":1}],"pair":"BTCUSDT"}"#,
+            r#"{"api_key":"canary-123","nested":{"Token":"t-9","keep":"x"},"list":[{"password":1}],"pair":"BTCUSDT"}"#,
         )
         .expect("json");
         let sensitive = vec![
@@ -71,12 +71,15 @@ mod tests {
         ];
         assert_eq!(redact_sensitive(&mut details, b"k", &sensitive), 3);
         let text = Value::Object(details.clone()).to_string();
-        assert!(!text.contains("sk-123") && !text.contains("t-9"), "{text}");
+        assert!(
+            !text.contains("canary-123") && !text.contains("t-9"),
+            "{text}"
+        );
         assert_eq!(details["pair"], "BTCUSDT");
         assert_eq!(details["nested"]["keep"], "x");
         assert_eq!(
             details["api_key"],
-            Value::String(hmac_value(b"k", &Value::String("sk-123".into())))
+            Value::String(hmac_value(b"k", &Value::String("canary-123".into())))
         );
         assert!(
             details["list"][0]["password"]
@@ -84,8 +87,8 @@ mod tests {
                 .is_some_and(|s| s.starts_with(HMAC_PREFIX))
         );
         assert_ne!(
-            hmac_value(b"k", &Value::String("sk-123".into())),
-            hmac_value(b"other", &Value::String("sk-123".into()))
+            hmac_value(b"k", &Value::String("canary-123".into())),
+            hmac_value(b"other", &Value::String("canary-123".into()))
         );
     }
 }
