@@ -16,7 +16,7 @@ STACK := scripts/stack.sh
 # Steps `make test` runs in order after `setup`; add new suites here (e.g. policy or chart checks).
 TEST_STEPS := lint test-rust
 
-.PHONY: help setup build test test-rust lint fmt up down status logs verify-audit bench-audit demo clean clean-all
+.PHONY: help setup build test test-rust lint fmt up down status logs verify-audit bench-audit bench-sign demo clean clean-all
 
 ## help: list the targets
 help:
@@ -74,6 +74,11 @@ lint: setup
 bench-audit:
 	$(CARGO) build --release -p audit-sink -p engram-bench
 	taskset -c 1 target/release/audit-bench --sink target/release/audit-sink --sink-cpu 0
+
+## bench-sign: Binance request signing cost in ns (release build, pinned to one core)
+bench-sign:
+	$(CARGO) build --release -p engram-bench --bin sign-bench
+	taskset -c 1 target/release/sign-bench
 
 ## fmt: format the Rust code
 fmt:
