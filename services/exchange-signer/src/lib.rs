@@ -4,6 +4,7 @@
 //! the shared runtime. The RPCs are registered with their generated defaults, which answer
 //! UNIMPLEMENTED until the service's own issue gives them behaviour.
 
+pub mod client;
 pub mod signing;
 
 use engram_proto::service_names;
