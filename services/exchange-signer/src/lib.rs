@@ -5,6 +5,7 @@
 //! UNIMPLEMENTED until the service's own issue gives them behaviour.
 
 pub mod client;
+pub mod policy;
 pub mod signing;
 
 use engram_proto::service_names;
