@@ -111,7 +111,11 @@ await_exec() { # PID NEEDLE
 
 # What the command line of NAME's process contains.
 needle_for() { # NAME
-    if [[ $1 == openbao ]]; then printf 'bao server'; else printf '%s' "$BIN_DIR/$1"; fi
+    case $1 in
+        openbao) printf 'bao server' ;;
+        exchange-double) printf '%s' "$BIN_DIR/engram-doubles" ;;
+        *) printf '%s' "$BIN_DIR/$1" ;;
+    esac
 }
 
 # Prints the recorded pid of NAME (a service or "openbao") when that process still runs.
@@ -182,10 +186,11 @@ cmd_down() {
     for svc in "${SERVICES[@]}"; do [[ $svc == audit-sink ]] || clients+=("$svc"); done
     stop_group "${clients[@]}"
     stop_group audit-sink
+    stop_group exchange-double
     stop_group openbao
     rm -f "$RUN_DIR/openbao.port"
     # The AppRole credentials died with the in-memory dev server; `up` issues new ones.
-    rm -f "$RUN_DIR"/.vault-header.* "$RUN_DIR"/*.role_id "$RUN_DIR"/*.secret_id
+    rm -f "$RUN_DIR"/.vault-header.* "$RUN_DIR"/*.role_id "$RUN_DIR"/*.secret_id "$RUN_DIR"/exchange-double-keys.json
     say "stack is down"
 }
 
@@ -339,6 +344,14 @@ seed_secrets() {
         '{data: {api_key: ($ENV.V_KEY | if . == "" then $dev[0].api_key else . end),
                  api_secret: ($ENV.V_SECRET | if . == "" then $dev[0].api_secret else . end)}}' |
         vault_write POST secret/data/engram/exchange
+    if [[ -z ${ENGRAM_EXCHANGE_URL:-} ]]; then
+        # The exchange double accepts exactly the key just written to Vault (owner-only file).
+        V_KEY="$SEED_BINANCE_API_KEY" V_SECRET="$SEED_BINANCE_API_SECRET" jq -n --slurpfile dev "$DEV_SECRETS" \
+            '{api_key: ($ENV.V_KEY | if . == "" then $dev[0].api_key else . end),
+              api_secret: ($ENV.V_SECRET | if . == "" then $dev[0].api_secret else . end)}' \
+            >"$RUN_DIR/exchange-double-keys.json"
+        chmod 600 "$RUN_DIR/exchange-double-keys.json"
+    fi
     local created=${SEED_API_KEY_CREATED_DATE:-$(date -u +%F)}
     V_CREATED="$created" jq -n '{custom_metadata: {created: $ENV.V_CREATED}}' |
         vault_write POST secret/metadata/engram/exchange
@@ -390,6 +403,34 @@ configure_vault() {
     rm -f "$VAULT_HEADER"
 }
 
+# --- outside-world doubles ---------------------------------------------------------------
+
+EXCHANGE_DOUBLE_ADDR=127.0.0.1:8082
+
+# Starts the Binance-compatible exchange double unless ENGRAM_EXCHANGE_URL points elsewhere
+# (Binance's spot testnet, say), and waits until it answers.
+start_exchange_double() {
+    [[ -z ${ENGRAM_EXCHANGE_URL:-} ]] || { say "exchange: $ENGRAM_EXCHANGE_URL (no double)"; return 0; }
+    local log="$LOG_DIR/exchange-double.log" pid deadline
+    port_in_use "${EXCHANGE_DOUBLE_ADDR##*:}" && die "port ${EXCHANGE_DOUBLE_ADDR##*:} (exchange double) is already in use"
+    (
+        cd "$ROOT"
+        export ENGRAM_DOUBLE_EXCHANGE_ADDR="$EXCHANGE_DOUBLE_ADDR"
+        export ENGRAM_DOUBLE_EXCHANGE_KEYS_FILE="$RUN_DIR/exchange-double-keys.json"
+        exec nohup setsid "$BIN_DIR/engram-doubles" exchange >"$log" 2>&1 </dev/null
+    ) &
+    pid=$!
+    echo "$pid" >"$(pid_file exchange-double)"
+    await_exec "$pid" "$(needle_for exchange-double)" || true
+    deadline=$((SECONDS + 20))
+    until [[ $(http_code "http://$EXCHANGE_DOUBLE_ADDR/api/v3/time") == 200 ]]; do
+        pid_alive "$pid" || { log_tail "$log" >&2; die "the exchange double exited during start"; }
+        ((SECONDS < deadline)) || die "the exchange double did not answer within 20s"
+        sleep 0.2
+    done
+    say "exchange double on http://$EXCHANGE_DOUBLE_ADDR (pid $pid)"
+}
+
 # --- services --------------------------------------------------------------------------
 
 start_service() { # NAME
@@ -411,6 +452,9 @@ start_service() { # NAME
         export ENGRAM_VAULT_ROLE_ID
         export ENGRAM_VAULT_SECRET_ID_FILE="$RUN_DIR/$svc.secret_id"
         export ENGRAM_LOG_FORMAT="${ENGRAM_LOG_FORMAT:-json}"
+        if [[ $svc == exchange-signer ]]; then
+            export ENGRAM_EXCHANGE_URL="${ENGRAM_EXCHANGE_URL:-http://$EXCHANGE_DOUBLE_ADDR}"
+        fi
         if [[ $svc == audit-sink ]]; then
             # The trail stays in .engram/audit across restarts, for `engramctl audit verify`.
             export ENGRAM_AUDIT_DIR="$STATE/audit"
@@ -510,6 +554,7 @@ cmd_up() {
     local svc
     for svc in "${SERVICES[@]}"; do
         [[ -x $BIN_DIR/$svc ]] || die "missing $(rel "$BIN_DIR/$svc"): run 'cargo build --workspace'"
+        [[ -x $BIN_DIR/engram-doubles ]] || die "missing $(rel "$BIN_DIR/engram-doubles"): run 'cargo build --workspace'"
         for port in "${GRPC_PORT[$svc]}" "${ADMIN_PORT[$svc]}"; do
             port_in_use "$port" && die "port $port (for $svc) is already in use by another process"
         done
@@ -519,6 +564,7 @@ cmd_up() {
     UP_IN_PROGRESS=1
     start_vault
     configure_vault
+    start_exchange_double
     for svc in "${SERVICES[@]}"; do start_service "$svc"; done
     say "waiting up to ${READY_TIMEOUT}s for every /readyz to answer 200"
     wait_ready
@@ -537,6 +583,9 @@ cmd_status() {
     else
         printf '%-18s %-8s %-8s %s\n' openbao - stopped -
         all_ok=3
+    fi
+    if pid=$(live_pid exchange-double); then
+        printf '%-18s %-8s %-8s %s\n' exchange-double "$pid" running "$(http_code "http://$EXCHANGE_DOUBLE_ADDR/api/v3/time") (/api/v3/time)"
     fi
     for name in "${SERVICES[@]}"; do
         if pid=$(live_pid "$name"); then

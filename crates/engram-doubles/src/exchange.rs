@@ -161,6 +161,8 @@ struct Exchange {
     knobs: Knobs,
     weight_minute: u64,
     weight_used: u32,
+    /// Signed requests that authenticated, per API key.
+    requests_by_key: HashMap<String, usize>,
 }
 
 /// A handle to a running exchange double.
@@ -228,6 +230,7 @@ impl ExchangeDouble {
             knobs: Knobs::default(),
             weight_minute: 0,
             weight_used: 0,
+            requests_by_key: HashMap::new(),
         }));
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -276,6 +279,11 @@ impl ExchangeDouble {
                 .filter(|o| o.client_order_id == client_order_id)
                 .count()
         })
+    }
+
+    /// How many signed requests `api_key` has made that passed authentication.
+    pub fn requests_by_key(&self, api_key: &str) -> usize {
+        self.with(|x| x.requests_by_key.get(api_key).copied().unwrap_or(0))
     }
 
     /// Free balance of `asset`.
@@ -553,6 +561,7 @@ async fn signed(
     }
 
     let mut x = lock(&state);
+    *x.requests_by_key.entry(api_key).or_default() += 1;
     let response = match (uri.path(), method) {
         ("/api/v3/order", Method::POST) => {
             if !restrictions.enable_spot_trading {

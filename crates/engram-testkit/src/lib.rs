@@ -616,13 +616,14 @@ pub async fn assert_service_contract<F, Fut>(
     grpc_service: &str,
     path: &str,
     secret: Value,
+    extra_env: &[(&str, String)],
     check: F,
 ) -> anyhow::Result<()>
 where
     F: FnOnce(tonic::transport::Channel) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let running = VaultBackedService::start(bin, path, secret.clone()).await?;
+    let running = VaultBackedService::start_with_env(bin, path, secret.clone(), extra_env).await?;
     running.assert_grpc_serving(grpc_service).await?;
     check(running.channel().await?).await?;
     let admin = running.service.admin_addr;

@@ -14,6 +14,7 @@ async fn keeps_the_service_contract_on_vault() {
         "engram.v1.AuditSink",
         "engram/audit",
         json!({ "hmac_key": "canary-audit-key" }),
+        &[],
         |channel| async move {
             let client = engram_proto::v1::audit_sink_client::AuditSinkClient::new(channel);
             // SERVICE_STARTED is recorded once the service is ready.

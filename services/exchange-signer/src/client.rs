@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use tokio::sync::Mutex;
@@ -80,7 +80,7 @@ pub struct ClientSettings {
 pub struct ExchangeClient {
     http: reqwest::Client,
     settings: ClientSettings,
-    credentials: ArcSwap<Credentials>,
+    credentials: ArcSwapOption<Credentials>,
     clock_offset_ms: AtomicI64,
     weight_used: AtomicU32,
     banned: AtomicBool,
@@ -106,14 +106,15 @@ fn local_ms() -> i64 {
 }
 
 impl ExchangeClient {
-    /// A client with `credentials`.
+    /// A client with `credentials` (`None` until the key is loaded: signed requests then fail
+    /// with `Transport("no exchange key loaded")`).
     ///
     /// # Errors
     ///
     /// When the HTTP client cannot be built.
     pub fn new(
         settings: ClientSettings,
-        credentials: Credentials,
+        credentials: Option<Credentials>,
     ) -> Result<Arc<Self>, ExchangeError> {
         let http = reqwest::Client::builder()
             .timeout(settings.request_timeout)
@@ -123,7 +124,7 @@ impl ExchangeClient {
         Ok(Arc::new(Self {
             http,
             settings,
-            credentials: ArcSwap::from_pointee(credentials),
+            credentials: ArcSwapOption::from(credentials.map(Arc::new)),
             clock_offset_ms: AtomicI64::new(0),
             weight_used: AtomicU32::new(0),
             banned: AtomicBool::new(false),
@@ -133,7 +134,28 @@ impl ExchangeClient {
 
     /// Uses new credentials from the next request on; requests in flight finish with theirs.
     pub fn rotate(&self, credentials: Credentials) {
-        self.credentials.store(Arc::new(credentials));
+        self.credentials.store(Some(Arc::new(credentials)));
+    }
+
+    /// Whether a key is loaded.
+    pub fn has_credentials(&self) -> bool {
+        self.credentials.load().is_some()
+    }
+
+    /// Public (unsigned) GET, with the same pacing and weight tracking.
+    ///
+    /// # Errors
+    ///
+    /// See [`ExchangeError`].
+    pub async fn public(&self, path: &str, query: Query) -> Result<Value, ExchangeError> {
+        self.pace().await?;
+        let response = self
+            .http
+            .get(self.url(path, query.as_str()))
+            .send()
+            .await
+            .map_err(|e| ExchangeError::Transport(e.to_string()))?;
+        self.finish(response).await
     }
 
     /// Exchange time minus local time, in milliseconds, as last measured.
@@ -240,7 +262,11 @@ impl ExchangeClient {
         query: Query,
     ) -> Result<Value, ExchangeError> {
         self.pace().await?;
-        let credentials = self.credentials.load_full();
+        let Some(credentials) = self.credentials.load_full() else {
+            return Err(ExchangeError::Transport(
+                "no exchange key loaded".to_owned(),
+            ));
+        };
         let timestamp = u64::try_from(local_ms() + self.clock_offset_ms()).unwrap_or_default();
         let signed = query
             .signed(
@@ -271,6 +297,11 @@ impl ExchangeClient {
                     ExchangeError::Unknown("the connection failed mid-request".to_owned())
                 }
             })?;
+        self.finish(response).await
+    }
+
+    /// Reads weight, status and body of a response into a result.
+    async fn finish(&self, response: reqwest::Response) -> Result<Value, ExchangeError> {
         if let Some(used) = response
             .headers()
             .get("X-MBX-USED-WEIGHT-1M")

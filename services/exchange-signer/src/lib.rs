@@ -1,17 +1,31 @@
-//! The exchange-signer service: the only holder of the exchange API key; typed orders under a trading policy.
+//! The exchange-signer service: the only holder of the exchange API key; typed orders under
+//! a trading policy, signed as Binance documents, never placed twice, recorded before they
+//! leave. There is no withdrawal or transfer code path.
 //!
-//! This crate holds the service's logic; `main.rs` only hands [`SPEC`] and [`routes`] to
-//! the shared runtime. The RPCs are registered with their generated defaults, which answer
-//! UNIMPLEMENTED until the service's own issue gives them behaviour.
+//! `main.rs` hands [`SPEC`] and [`routes`] to the shared runtime.
 
 pub mod client;
+pub mod config;
 pub mod policy;
+pub mod service;
 pub mod signing;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use engram_proto::service_names;
 use engram_proto::v1::exchange_signer_server::ExchangeSignerServer;
+use engram_runtime::admin::Check;
+use engram_runtime::secrets::SecretBundle;
 use engram_runtime::{ServiceContext, ServiceSpec};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Notify;
 use tonic::service::Routes;
+
+use crate::client::{ClientSettings, Credentials, ExchangeClient};
+use crate::config::SignerConfig;
+use crate::service::{ExchangeSignerService, KeyState, Signer, SignerMetrics};
+use crate::signing::{Query, SigningKey};
 
 /// Runtime-level facts about this service: names, secret path, default ports.
 pub const SPEC: ServiceSpec = ServiceSpec {
@@ -24,26 +38,220 @@ pub const SPEC: ServiceSpec = ServiceSpec {
     default_admin_port: 9102,
 };
 
-/// The gRPC implementation. Holds the service context for the logic to come.
-#[derive(Debug)]
-pub struct ExchangeSignerService {
-    #[allow(dead_code)]
-    context: ServiceContext,
-}
-
-// Every method keeps the generated default: Status::unimplemented.
-impl engram_proto::v1::exchange_signer_server::ExchangeSigner for ExchangeSignerService {}
-
-/// The service's gRPC routes, built once the runtime has the context ready. The service has
-/// no settings of its own yet (`()`).
+/// The key from `engram/exchange`: `api_key` plus either `ed25519_private_key` (preferred,
+/// as Binance recommends) or `api_secret` (HMAC).
 ///
 /// # Errors
 ///
-/// None yet; the signature is the one the runtime expects.
-pub fn routes(context: &ServiceContext, _config: ()) -> anyhow::Result<Routes> {
-    Ok(Routes::new(ExchangeSignerServer::new(
-        ExchangeSignerService {
-            context: context.clone(),
+/// A description of what is missing or malformed (never the material).
+pub fn credentials_from(bundle: &SecretBundle) -> Result<Credentials, String> {
+    let api_key = bundle.field("api_key").ok_or("api_key is missing")?.clone();
+    let key = if let Some(ed25519) = bundle.field("ed25519_private_key") {
+        SigningKey::ed25519(ed25519).map_err(|e| e.to_string())?
+    } else if let Some(secret) = bundle.field("api_secret") {
+        SigningKey::hmac(SecretString::from(secret.expose_secret().to_owned()))
+            .map_err(|e| e.to_string())?
+    } else {
+        return Err("neither ed25519_private_key nor api_secret is present".to_owned());
+    };
+    Ok(Credentials { api_key, key })
+}
+
+/// Why the key's restrictions make it unfit to trade with, if they do.
+fn dangerous(restrictions: &serde_json::Value) -> Vec<&'static str> {
+    [
+        ("enableWithdrawals", "withdrawals"),
+        ("enableInternalTransfer", "internal transfers"),
+        ("permitsUniversalTransfer", "universal transfers"),
+    ]
+    .into_iter()
+    // A missing field counts as enabled: unknown is not safe.
+    .filter(|(field, _)| restrictions[*field].as_bool().unwrap_or(true))
+    .map(|(_, what)| what)
+    .collect()
+}
+
+/// Builds the signer: the exchange client (its key arrives from Vault and rotates in place),
+/// the background checks of the key's restrictions, the caps rebuilt from the exchange, and
+/// the gRPC routes.
+///
+/// # Errors
+///
+/// When the HTTP client or the metrics cannot be set up.
+pub fn routes(context: &ServiceContext, config: SignerConfig) -> anyhow::Result<Routes> {
+    let client = ExchangeClient::new(
+        ClientSettings {
+            base_url: config.exchange_url.clone(),
+            recv_window_ms: config.recv_window_ms,
+            request_timeout: config.request_timeout,
+            weight_limit: config.weight_limit,
         },
+        None,
+    )?;
+    let metrics = SignerMetrics::register(context.metrics.registry())?;
+    let signer = Arc::new(Signer::new(
+        client.clone(),
+        config.policy.clone(),
+        context.clone(),
+        metrics,
+    ));
+    let recheck = Arc::new(Notify::new());
+    let counters_ready = Arc::new(AtomicBool::new(false));
+
+    // Key rotation: every new version of engram/exchange is used from the next request on.
+    {
+        let context = context.clone();
+        let client = client.clone();
+        let recheck = recheck.clone();
+        tokio::spawn(async move {
+            let mut updates = context.secrets.subscribe();
+            loop {
+                let bundle = updates.borrow_and_update().clone();
+                if let Some(bundle) = bundle {
+                    match credentials_from(&bundle) {
+                        Ok(credentials) => {
+                            client.rotate(credentials);
+                            tracing::info!(target: "security", version = bundle.version(), "exchange key in use");
+                            recheck.notify_one();
+                        }
+                        Err(reason) => {
+                            tracing::error!(target: "security", version = bundle.version(), %reason, "unusable exchange key version; keeping the previous one")
+                        }
+                    }
+                }
+                tokio::select! {
+                    () = context.shutdown.cancelled() => return,
+                    changed = updates.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+    }
+
+    // The key's restrictions, at start, after each rotation and periodically; then the caps.
+    {
+        let signer = signer.clone();
+        let recheck = recheck.clone();
+        let counters_ready = counters_ready.clone();
+        let stop = context.shutdown.clone();
+        let interval = config.key_check_interval;
+        tokio::spawn(async move {
+            loop {
+                let mut wait = interval;
+                if signer.client.has_credentials() {
+                    match check_key(&signer).await {
+                        Ok(()) => {
+                            if !counters_ready.load(Ordering::SeqCst) {
+                                match signer.rebuild_counters().await {
+                                    Ok(()) => counters_ready.store(true, Ordering::SeqCst),
+                                    Err(error) => {
+                                        tracing::warn!(error = %error, "cannot rebuild the caps' counters yet");
+                                        wait = std::time::Duration::from_secs(2);
+                                    }
+                                }
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(error = %error, "cannot check the exchange key yet");
+                            wait = std::time::Duration::from_secs(2);
+                        }
+                    }
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = recheck.notified() => {}
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        });
+    }
+
+    {
+        let signer = signer.clone();
+        let allow_dangerous = config.allow_dangerous_key;
+        context.readiness.add_check("exchange_key", move || {
+            let signer = signer.clone();
+            let counters_ready = counters_ready.clone();
+            async move {
+                if !signer.client.has_credentials() {
+                    return Check::NotReady("no usable exchange key loaded".to_owned());
+                }
+                let key: KeyState = signer
+                    .key
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                let Some(restrictions) = key.restrictions else {
+                    return Check::NotReady(
+                        "the key's restrictions have not been read from the exchange yet"
+                            .to_owned(),
+                    );
+                };
+                let risks = dangerous(&restrictions);
+                if !risks.is_empty() {
+                    let message = format!(
+                        "the exchange key allows {}: refusing to trade with it",
+                        risks.join(", ")
+                    );
+                    return if allow_dangerous {
+                        Check::Degraded(format!("DEV OVERRIDE: {message}"))
+                    } else {
+                        Check::NotReady(message)
+                    };
+                }
+                if !counters_ready.load(Ordering::SeqCst) {
+                    return Check::NotReady(
+                        "the caps' counters have not been rebuilt from the exchange yet".to_owned(),
+                    );
+                }
+                let halted = signer
+                    .halted
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                match (
+                    halted,
+                    restrictions["ipRestrict"].as_bool().unwrap_or(false),
+                ) {
+                    (Some(reason), _) => Check::Degraded(format!("trading halted: {reason}")),
+                    (None, false) => {
+                        Check::Degraded("the exchange key is not IP-restricted".to_owned())
+                    }
+                    (None, true) => Check::Ready,
+                }
+            }
+        });
+    }
+    Ok(Routes::new(ExchangeSignerServer::new(
+        ExchangeSignerService::new(signer),
     )))
+}
+
+/// Syncs the clock and reads the key's restrictions; logs a security event when they are
+/// dangerous (readiness reports it too).
+async fn check_key(signer: &Signer) -> Result<(), client::ExchangeError> {
+    signer.client.sync_clock().await?;
+    let restrictions = signer
+        .client
+        .signed(
+            reqwest::Method::GET,
+            "/sapi/v1/account/apiRestrictions",
+            Query::new(),
+        )
+        .await?;
+    let risks = dangerous(&restrictions);
+    if !risks.is_empty() {
+        tracing::error!(target: "security", risks = ?risks, "the exchange key can move funds out: the signer will not become ready");
+    } else if !restrictions["ipRestrict"].as_bool().unwrap_or(false) {
+        tracing::warn!(target: "security", "the exchange key is not IP-restricted");
+    }
+    let mut key = signer
+        .key
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    key.restrictions = Some(restrictions);
+    key.checked_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or_default())
+        .unwrap_or_default();
+    Ok(())
 }

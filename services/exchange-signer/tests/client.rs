@@ -25,7 +25,7 @@ async fn setup() -> (ExchangeDouble, std::sync::Arc<ExchangeClient>) {
             request_timeout: Duration::from_secs(5),
             weight_limit: 6000,
         },
-        credentials("key-v1", "secret-v1"),
+        Some(credentials("key-v1", "secret-v1")),
     )
     .expect("client");
     (double, client)

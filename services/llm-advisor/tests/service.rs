@@ -15,6 +15,7 @@ async fn keeps_the_service_contract_on_vault() {
         "engram.v1.LlmAdvisor",
         "engram/llm",
         json!({ "api_key": "canary-llm-key" }),
+        &[],
         |channel| async move {
             expect_unimplemented(
                 engram_proto::v1::llm_advisor_client::LlmAdvisorClient::new(channel)

@@ -15,6 +15,7 @@ async fn keeps_the_service_contract_on_vault() {
         "engram.v1.TelegramGateway",
         "engram/telegram",
         json!({ "bot_token": "canary-bot-token", "allowed_chats": "canary-100000001", "users": "canary-100000001:admin", "admin_chat": "canary-100000001" }),
+        &[],
         |channel| async move {
             expect_unimplemented(
                 engram_proto::v1::telegram_gateway_client::TelegramGatewayClient::new(channel)

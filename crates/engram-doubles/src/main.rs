@@ -1,0 +1,76 @@
+//! `engram-doubles`: runs the outside-world doubles for the local stack (dev only).
+//!
+//! `engram-doubles exchange` serves the Binance-compatible exchange on
+//! `ENGRAM_DOUBLE_EXCHANGE_ADDR` (default 127.0.0.1:8082), accepting the key in the JSON file
+//! named by `ENGRAM_DOUBLE_EXCHANGE_KEYS_FILE` (`{"api_key": ..., "api_secret": ...}`, the
+//! dev secrets `make up` wrote into the local Vault). Keys are read from a file, never from
+//! arguments or the environment.
+
+use std::process::ExitCode;
+
+use engram_doubles::exchange::{ExchangeDouble, KeyKind, Restrictions};
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: engram-doubles exchange   (settings: ENGRAM_DOUBLE_EXCHANGE_ADDR, ENGRAM_DOUBLE_EXCHANGE_KEYS_FILE)"
+    );
+    ExitCode::from(64)
+}
+
+async fn exchange() -> anyhow::Result<()> {
+    let addr = std::env::var("ENGRAM_DOUBLE_EXCHANGE_ADDR")
+        .unwrap_or_else(|_| "127.0.0.1:8082".to_owned());
+    let keys_file = std::env::var("ENGRAM_DOUBLE_EXCHANGE_KEYS_FILE")
+        .map_err(|_| anyhow::anyhow!("ENGRAM_DOUBLE_EXCHANGE_KEYS_FILE is required"))?;
+    let keys: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&keys_file)?)
+        .map_err(|e| anyhow::anyhow!("{keys_file} is not JSON: {e}"))?;
+    let (Some(api_key), Some(secret)) = (keys["api_key"].as_str(), keys["api_secret"].as_str())
+    else {
+        anyhow::bail!("{keys_file} must hold api_key and api_secret");
+    };
+    let double = ExchangeDouble::start(addr.parse()?).await?;
+    double.add_key(
+        api_key,
+        KeyKind::Hmac(secret.to_owned()),
+        Restrictions::default(),
+    );
+    println!("exchange double listening on {}", double.url());
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let Some(command) = std::env::args().nth(1) else {
+        return usage();
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("engram-doubles: {error}");
+            return ExitCode::from(70);
+        }
+    };
+    let result = match command.as_str() {
+        "exchange" => runtime.block_on(async {
+            tokio::select! {
+                result = exchange() => result,
+                () = async {
+                    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                        term.recv().await;
+                    }
+                } => Ok(()),
+            }
+        }),
+        _ => return usage(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("engram-doubles: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
