@@ -221,9 +221,79 @@ pub fn routes(context: &ServiceContext, config: SignerConfig) -> anyhow::Result<
             }
         });
     }
+    spawn_policy_reload(signer.clone(), context.shutdown.clone());
     Ok(Routes::new(ExchangeSignerServer::new(
         ExchangeSignerService::new(signer),
     )))
+}
+
+/// Re-reads the policy (environment and `ENGRAM_CONFIG_FILE`) on SIGHUP. A policy with any
+/// bad value is refused whole, with every problem logged, and the old one stays in force.
+fn spawn_policy_reload(signer: Arc<Signer>, stop: tokio_util::sync::CancellationToken) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!("cannot listen for SIGHUP: the policy will not reload");
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                received = hangups.recv() => if received.is_none() { return },
+            }
+            match reload_policy(&engram_runtime::config::ProcessEnv) {
+                Ok(policy) => signer.replace_policy(policy).await,
+                Err(errors) => {
+                    tracing::error!(target: "security", problems = %errors, "policy reload refused; the previous policy stays in force")
+                }
+            }
+        }
+    });
+}
+
+/// Reads the policy afresh from `env` (and the file it names).
+///
+/// # Errors
+///
+/// Every bad value, as at start.
+pub fn reload_policy(
+    env: &dyn engram_runtime::config::ConfigSource,
+) -> Result<policy::Policy, engram_runtime::config::ConfigErrors> {
+    let file = engram_runtime::config::load_file_layer(env)
+        .map_err(|p| engram_runtime::config::ConfigErrors(vec![p]))?;
+    let mut reader = engram_runtime::config::ConfigReader::new(vec![env, &file]);
+    let config = <SignerConfig as engram_runtime::ServiceConfig>::read(&mut reader);
+    reader.finish()?;
+    Ok(config.policy)
+}
+
+/// The seed document's rule: rotate exchange keys every 90 days. The age comes from the
+/// `created` date in the secret's Vault metadata (also exported as
+/// `engram_secret_created_timestamp_seconds` for alerting).
+fn warn_if_old(signer: &Signer) {
+    let Some(bundle) = signer.context.secrets.current() else {
+        return;
+    };
+    let Some(created) = bundle.custom_metadata().get("created") else {
+        tracing::warn!(target: "security", "the exchange key has no 'created' date in its Vault metadata: its age is unknown");
+        return;
+    };
+    let parsed = humantime::parse_rfc3339_weak(&format!("{created}T00:00:00Z"))
+        .or_else(|_| humantime::parse_rfc3339_weak(created));
+    match parsed
+        .ok()
+        .and_then(|c| std::time::SystemTime::now().duration_since(c).ok())
+    {
+        Some(age) if age.as_secs() > 90 * 86_400 => tracing::warn!(
+            target: "security",
+            age_days = age.as_secs() / 86_400,
+            "the exchange key is older than 90 days: rotate it"
+        ),
+        Some(_) => {}
+        None => {
+            tracing::warn!(target: "security", "the exchange key's 'created' date is not a date")
+        }
+    }
 }
 
 /// Syncs the clock and reads the key's restrictions; logs a security event when they are
@@ -244,6 +314,7 @@ async fn check_key(signer: &Signer) -> Result<(), client::ExchangeError> {
     } else if !restrictions["ipRestrict"].as_bool().unwrap_or(false) {
         tracing::warn!(target: "security", "the exchange key is not IP-restricted");
     }
+    warn_if_old(signer);
     let mut key = signer
         .key
         .lock()

@@ -157,8 +157,8 @@ impl SignerMetrics {
 pub struct Signer {
     /// The exchange client.
     pub client: Arc<ExchangeClient>,
-    /// The policy in force.
-    pub policy: Policy,
+    /// The policy in force; replaced whole on reload (SIGHUP).
+    pub policy: arc_swap::ArcSwap<Policy>,
     /// The runtime context (secrets, audit recorder).
     pub context: ServiceContext,
     /// Metrics.
@@ -197,7 +197,7 @@ impl Signer {
     ) -> Self {
         Self {
             client,
-            policy,
+            policy: arc_swap::ArcSwap::from_pointee(policy),
             context,
             metrics,
             halted: StdMutex::new(None),
@@ -205,6 +205,31 @@ impl Signer {
             key: StdMutex::new(KeyState::default()),
             outcomes: StdMutex::new(HashMap::new()),
             key_locks: StdMutex::new(HashMap::new()),
+        }
+    }
+
+    /// Replaces the policy, and records the change.
+    pub async fn replace_policy(&self, policy: Policy) {
+        let before = self.policy.load_full();
+        if *before == policy {
+            tracing::info!("policy reload: unchanged");
+            return;
+        }
+        self.policy.store(Arc::new(policy.clone()));
+        tracing::warn!(target: "security", ?policy, "trading policy reloaded");
+        if let Err(status) = self
+            .audit(
+                AuditCategory::Audit,
+                "CONFIG_CHANGED",
+                "",
+                &[
+                    ("setting", text("trading_policy")),
+                    ("policy", text(format!("{policy:?}"))),
+                ],
+            )
+            .await
+        {
+            tracing::error!(target: "security", error = %status.message(), "CONFIG_CHANGED could not be recorded");
         }
     }
 
@@ -235,7 +260,8 @@ impl Signer {
         let midnight = now_ms() / 86_400_000 * 86_400_000;
         let mut fresh = Counters::default();
         fresh.roll(now_ms());
-        for symbol in &self.policy.symbols {
+        let policy = self.policy.load_full();
+        for symbol in &policy.symbols {
             let orders = self
                 .client
                 .signed(
@@ -481,7 +507,7 @@ impl ExchangeSignerService {
             checked_at: timestamp(key.checked_at_ms),
         });
         let usage = lock(&s.counters).usage();
-        let p = &s.policy;
+        let p = s.policy.load_full();
         let mut sides = Vec::new();
         if p.allow_buy {
             sides.push(OrderSide::Buy as i32);
@@ -577,7 +603,7 @@ impl ExchangeSigner for ExchangeSignerService {
         }
         let price = self.last_price(&intent.symbol).await?;
         let usage = lock(&s.counters).usage();
-        let notional = match s.policy.check(&intent, price, usage) {
+        let notional = match s.policy.load().check(&intent, price, usage) {
             Ok(notional) => notional,
             Err(violation) => {
                 s.metrics

@@ -76,23 +76,36 @@ const SECRET: &str = "signer-test-secret";
 
 impl Stack {
     async fn start(policy: &[(&'static str, &str)], restrictions: Restrictions) -> Self {
+        let secret = json!({ "api_key": KEY, "api_secret": SECRET });
+        Self::start_with_key(
+            policy,
+            restrictions,
+            secret,
+            KeyKind::Hmac(SECRET.to_owned()),
+        )
+        .await
+    }
+
+    async fn start_with_key(
+        policy: &[(&'static str, &str)],
+        restrictions: Restrictions,
+        secret: serde_json::Value,
+        kind: KeyKind,
+    ) -> Self {
         let bao = OpenBao::start().await.expect("openbao");
         bao.put_secret("engram/audit", json!({ "hmac_key": "audit-key" }))
             .await
             .expect("audit secret");
-        bao.put_secret(
-            "engram/exchange",
-            json!({ "api_key": KEY, "api_secret": SECRET }),
-        )
-        .await
-        .expect("exchange secret");
+        bao.put_secret("engram/exchange", secret)
+            .await
+            .expect("exchange secret");
         bao.put_custom_metadata("engram/exchange", json!({ "created": "2026-11-01" }))
             .await
             .expect("metadata");
         let double = ExchangeDouble::start("127.0.0.1:0".parse().expect("addr"))
             .await
             .expect("double");
-        double.add_key(KEY, KeyKind::Hmac(SECRET.to_owned()), restrictions);
+        double.add_key(KEY, kind, restrictions);
         let audit_dir = tempfile::tempdir().expect("tempdir");
         let vault = vec![
             ("ENGRAM_VAULT_ADDR", bao.addr()),
@@ -600,4 +613,84 @@ async fn rotating_the_key_under_a_stream_of_orders_fails_none() {
         .expect("status")
         .into_inner();
     assert_eq!(status.key_version, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ed25519_key_signs_orders_end_to_end() {
+    use base64::Engine;
+    use ring::signature::KeyPair;
+    // A fresh key for this test only; Vault holds the seed, the exchange the public key.
+    let seed: [u8; 32] = std::array::from_fn(|i| u8::try_from(i * 7 % 251).unwrap_or(0));
+    let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&seed).expect("pair");
+    let stack = Stack::start_with_key(
+        &[],
+        Restrictions::default(),
+        json!({ "api_key": KEY, "ed25519_private_key": base64::engine::general_purpose::STANDARD.encode(seed) }),
+        KeyKind::Ed25519(pair.public_key().as_ref().to_vec()),
+    )
+    .await;
+    stack.wait_ready().await;
+    let placed = stack
+        .client()
+        .await
+        .place_order(market("ed-1", "0.01"))
+        .await
+        .expect("placed")
+        .into_inner();
+    assert_eq!(
+        placed.order.expect("order").status,
+        OrderStatus::Filled as i32
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_418_halts_trading_and_429_is_reported_as_unavailable() {
+    let stack = Stack::start(&[], Restrictions::default()).await;
+    stack.wait_ready().await;
+    let mut client = stack.client().await;
+    stack.double.set_knobs(Knobs {
+        rate_limit_next: 1,
+        retry_after_secs: 1,
+        ..Knobs::default()
+    });
+    let limited = client
+        .place_order(market("rl-1", "0.01"))
+        .await
+        .expect_err("429");
+    assert_eq!(limited.code(), tonic::Code::Unavailable);
+    assert!(
+        limited.message().contains("rate limit"),
+        "{}",
+        limited.message()
+    );
+
+    stack.double.set_knobs(Knobs {
+        banned: true,
+        ..Knobs::default()
+    });
+    let banned = client
+        .place_order(market("ban-1", "0.01"))
+        .await
+        .expect_err("418");
+    assert_eq!(banned.code(), tonic::Code::Unavailable);
+    let status = client
+        .get_status(GetStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(
+        status.halted && status.halt_reason.contains("418"),
+        "{status:?}"
+    );
+    // Even after the exchange lifts the ban, nothing more is sent until an operator acts.
+    stack.double.set_knobs(Knobs::default());
+    assert!(client.place_order(market("ban-2", "0.01")).await.is_err());
+    assert_eq!(stack.double.orders_with_client_id("ban-2"), 0);
+    assert!(
+        client
+            .resume(ResumeRequest { context: None })
+            .await
+            .is_err(),
+        "resume is refused while the ban holds"
+    );
 }
