@@ -16,7 +16,7 @@ STACK := scripts/stack.sh
 # Steps `make test` runs in order after `setup`; add new suites here (e.g. policy or chart checks).
 TEST_STEPS := lint test-rust
 
-.PHONY: help setup build test test-rust lint fmt up down status logs verify-audit bench-audit bench-sign demo clean clean-all
+.PHONY: help setup build test test-rust lint fmt up down status logs verify-audit bench-audit bench-sign bench-signer demo clean clean-all
 
 ## help: list the targets
 help:
@@ -79,6 +79,11 @@ bench-audit:
 bench-sign:
 	$(CARGO) build --release -p engram-bench --bin sign-bench
 	taskset -c 1 target/release/sign-bench
+
+## bench-signer: PlaceOrder round trips through the signer, with gRPC and OpenBao transit references (release)
+bench-signer: setup
+	$(CARGO) build --release -p exchange-signer -p audit-sink -p engram-doubles -p engram-bench
+	taskset -c 1 target/release/signer-bench
 
 ## fmt: format the Rust code
 fmt:

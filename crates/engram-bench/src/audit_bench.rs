@@ -11,11 +11,11 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use engram_bench::percentile;
 use engram_proto::v1::audit_sink_client::AuditSinkClient;
 use engram_proto::v1::{Actor, AppendBatchRequest, AppendRequest, AuditCategory, AuditEvent};
 use tokio::sync::Mutex;
@@ -87,58 +87,22 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(args)
 }
 
-/// The sink as a child process on free ports, with the env secret source (no Vault needed).
-struct Sink {
-    child: tokio::process::Child,
-    grpc: SocketAddr,
-}
-
-async fn start_sink(args: &Args, dir: &Path) -> anyhow::Result<Sink> {
-    let log = dir.join("sink.log");
-    let mut command = match args.sink_cpu {
-        Some(cpu) => {
-            let mut c = tokio::process::Command::new("taskset");
-            c.args(["-c", &cpu.to_string()]).arg(&args.sink);
-            c
-        }
-        None => tokio::process::Command::new(&args.sink),
-    };
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("ENGRAM_SECRET_SOURCE", "env")
-        .env("ENGRAM_AUDIT_HMAC_KEY", "bench-only-audit-key")
-        .env("ENGRAM_DOTENV_FILE", dir.join("none.env"))
-        .env("ENGRAM_GRPC_ADDR", "127.0.0.1:0")
-        .env("ENGRAM_ADMIN_ADDR", "127.0.0.1:0")
-        .env("ENGRAM_AUDIT_DIR", dir.join("audit"))
-        .env("ENGRAM_LOG_LEVEL", "warn,engram_runtime::service=info")
-        .env("ENGRAM_SHUTDOWN_DRAIN_DELAY_SECS", "0")
-        .stdout(std::fs::File::create(&log)?)
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    let child = command
-        .spawn()
-        .with_context(|| format!("cannot start {}", args.sink.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(addr) = text
-            .lines()
-            .find(|l| l.contains("\"listening\""))
-            .and_then(|l| l.split("\"grpc_addr\":\"").nth(1))
-            .and_then(|rest| rest.split('"').next())
-        {
-            return Ok(Sink {
-                child,
-                grpc: addr.parse()?,
-            });
-        }
-        if Instant::now() > deadline {
-            bail!("the sink did not start:\n{text}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn start_sink(args: &Args, dir: &Path) -> anyhow::Result<engram_bench::Spawned> {
+    engram_bench::spawn_service(
+        &args.sink,
+        args.sink_cpu,
+        &[
+            ("ENGRAM_SECRET_SOURCE", "env".to_owned()),
+            ("ENGRAM_AUDIT_HMAC_KEY", "bench-only-audit-key".to_owned()),
+            (
+                "ENGRAM_DOTENV_FILE",
+                dir.join("none.env").display().to_string(),
+            ),
+            ("ENGRAM_AUDIT_DIR", dir.join("audit").display().to_string()),
+        ],
+        &dir.join("sink.log"),
+    )
+    .await
 }
 
 /// Records per second and latency percentiles of one scenario.
@@ -146,14 +110,6 @@ struct Figures {
     records_per_sec: f64,
     p50: Duration,
     p99: Duration,
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index]
 }
 
 #[derive(Clone, Copy)]
@@ -335,7 +291,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let scratch = tempfile::tempdir_in(std::env::current_dir()?)?;
+    let scratch = tempfile::Builder::new().prefix("bench-").tempdir_in("target")?;
     runtime.block_on(async {
         let mut sink = match args.connect {
             Some(_) => None,

@@ -28,6 +28,9 @@ pub struct SignerConfig {
     pub allow_dangerous_key: bool,
     /// The trading policy (`ENGRAM_POLICY_*`).
     pub policy: Policy,
+    /// `ENGRAM_SIGNER_STATE_DIR`: where the kill switch survives restarts (a volume in a
+    /// cluster; default `.engram/signer`).
+    pub state_dir: std::path::PathBuf,
 }
 
 fn decimal(reader: &mut ConfigReader<'_>, name: &str, default: &str) -> Decimal {
@@ -111,7 +114,9 @@ impl ServiceConfig for SignerConfig {
                 "must not exceed ENGRAM_POLICY_MAX_DAILY_NOTIONAL",
             );
         }
+        let state_dir = reader.path_or("ENGRAM_SIGNER_STATE_DIR", ".engram/signer");
         Self {
+            state_dir,
             exchange_url,
             recv_window_ms,
             request_timeout,

@@ -94,7 +94,8 @@ pub fn routes(context: &ServiceContext, config: SignerConfig) -> anyhow::Result<
         config.policy.clone(),
         context.clone(),
         metrics,
-    ));
+        Some(config.state_dir.join("halt.json")),
+    )?);
     let recheck = Arc::new(Notify::new());
     let counters_ready = Arc::new(AtomicBool::new(false));
 

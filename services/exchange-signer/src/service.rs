@@ -165,6 +165,8 @@ pub struct Signer {
     pub metrics: SignerMetrics,
     /// Why trading is halted, when it is.
     pub halted: StdMutex<Option<String>>,
+    /// Where the halt survives a restart (`None`: in memory only, for tests that want it).
+    halt_file: Option<std::path::PathBuf>,
     /// The caps' counters.
     pub counters: StdMutex<Counters>,
     /// The key's restrictions.
@@ -188,24 +190,72 @@ fn lock<T>(mutex: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Signer {
-    /// A signer over `client` with `policy`.
+    /// A signer over `client` with `policy`. A halt recorded in `halt_file` by an earlier run
+    /// is restored: a restart is never a way around the kill switch.
+    ///
+    /// # Errors
+    ///
+    /// When `halt_file` exists but cannot be read or parsed: the signer refuses to guess.
     pub fn new(
         client: Arc<ExchangeClient>,
         policy: Policy,
         context: ServiceContext,
         metrics: SignerMetrics,
-    ) -> Self {
-        Self {
+        halt_file: Option<std::path::PathBuf>,
+    ) -> anyhow::Result<Self> {
+        let restored = match &halt_file {
+            Some(path) if path.exists() => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+                let state: Value = serde_json::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("{} is not valid JSON: {e}", path.display()))?;
+                // A file that does not say "not halted" counts as halted: fail safe.
+                state["halted"].as_bool().unwrap_or(true).then(|| {
+                    state["reason"]
+                        .as_str()
+                        .unwrap_or("restored halt")
+                        .to_owned()
+                })
+            }
+            _ => None,
+        };
+        if let Some(reason) = &restored {
+            tracing::error!(target: "security", reason, "TRADING HALTED (restored from before the restart)");
+            metrics.halted.set(1);
+        }
+        Ok(Self {
             client,
             policy: arc_swap::ArcSwap::from_pointee(policy),
             context,
             metrics,
-            halted: StdMutex::new(None),
+            halted: StdMutex::new(restored),
+            halt_file,
             counters: StdMutex::new(Counters::default()),
             key: StdMutex::new(KeyState::default()),
             outcomes: StdMutex::new(HashMap::new()),
             key_locks: StdMutex::new(HashMap::new()),
+        })
+    }
+
+    /// Writes the halt state durably (temporary file, fsync, rename, fsync of the directory).
+    fn persist_halt(&self, reason: Option<&str>) -> std::io::Result<()> {
+        let Some(path) = &self.halt_file else {
+            return Ok(());
+        };
+        let dir = path.parent().unwrap_or_else(|| std::path::Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let temporary = path.with_extension("tmp");
+        let body =
+            serde_json::json!({ "halted": reason.is_some(), "reason": reason, "at_ms": now_ms() })
+                .to_string();
+        {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&temporary)?;
+            file.write_all(body.as_bytes())?;
+            file.sync_all()?;
         }
+        std::fs::rename(&temporary, path)?;
+        std::fs::File::open(dir)?.sync_all()
     }
 
     /// Replaces the policy, and records the change.
@@ -238,6 +288,10 @@ impl Signer {
         *lock(&self.halted) = Some(reason.to_owned());
         self.metrics.halted.set(1);
         tracing::error!(target: "security", reason, "TRADING HALTED");
+        if let Err(error) = self.persist_halt(Some(reason)) {
+            // The halt holds in memory regardless; only its survival across a restart is at risk.
+            tracing::error!(target: "security", error = %error, "cannot persist the halt");
+        }
     }
 
     fn observe_client(&self) {
@@ -453,6 +507,23 @@ fn exchange_status(error: ExchangeError) -> Status {
     }
 }
 
+/// FAILED_PRECONDITION with a `google.rpc.ErrorInfo` whose reason is the broken rule, so a
+/// caller (the gateway) can tell the person which rule without parsing the message.
+fn policy_status(rule: &str, message: &str) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    let metadata: HashMap<String, String> =
+        [("rule".to_owned(), rule.to_owned())].into_iter().collect();
+    Status::with_error_details(
+        tonic::Code::FailedPrecondition,
+        message,
+        ErrorDetails::with_error_info(
+            rule.to_ascii_uppercase(),
+            "engram.exchange-signer.policy",
+            metadata,
+        ),
+    )
+}
+
 fn parse_symbol_field(symbol: &str) -> Result<String, Status> {
     parse_symbol(symbol).map_err(|e| Status::invalid_argument(e.to_string()))
 }
@@ -584,9 +655,10 @@ impl ExchangeSigner for ExchangeSignerService {
                 .rejections
                 .with_label_values(&["kill_switch"])
                 .inc();
-            return Err(Status::failed_precondition(format!(
-                "policy rule kill_switch: trading is halted ({reason})"
-            )));
+            return Err(policy_status(
+                "kill_switch",
+                &format!("policy rule kill_switch: trading is halted ({reason})"),
+            ));
         }
         // The exchange remembers client order ids across our restarts: ask it first.
         match s.client.order_by_client_id(&intent.symbol, &id).await {
@@ -624,7 +696,7 @@ impl ExchangeSigner for ExchangeSignerService {
                         ],
                     )
                     .await;
-                return Err(Status::failed_precondition(violation.to_string()));
+                return Err(policy_status(violation.rule, &violation.to_string()));
             }
         };
         let (kind, limit) = match intent.kind {
@@ -922,6 +994,10 @@ impl ExchangeSigner for ExchangeSignerService {
                 &[],
             )
             .await?;
+        // Resuming must survive a restart too, and must not happen if it cannot.
+        self.signer
+            .persist_halt(None)
+            .map_err(|e| Status::unavailable(format!("cannot persist the resume: {e}")))?;
         *lock(&self.signer.halted) = None;
         self.signer.metrics.halted.set(0);
         tracing::warn!(target: "security", "trading resumed");

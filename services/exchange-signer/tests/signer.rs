@@ -66,6 +66,7 @@ struct Stack {
     bao: OpenBao,
     double: ExchangeDouble,
     _audit_dir: tempfile::TempDir,
+    _state_dir: tempfile::TempDir,
     audit: Option<Running>,
     signer: Option<Running>,
     signer_env: Vec<(&'static str, String)>,
@@ -114,7 +115,12 @@ impl Stack {
         let mut audit_env = vault.clone();
         audit_env.push(("ENGRAM_AUDIT_DIR", audit_dir.path().display().to_string()));
         let audit = start_app(audit_sink::SPEC, audit_env, audit_sink::routes).await;
+        let state_dir = tempfile::tempdir().expect("tempdir");
         let mut signer_env = vault;
+        signer_env.push((
+            "ENGRAM_SIGNER_STATE_DIR",
+            state_dir.path().display().to_string(),
+        ));
         signer_env.push(("ENGRAM_EXCHANGE_URL", double.url()));
         signer_env.push(("ENGRAM_AUDIT_ADDR", format!("http://{}", audit.grpc)));
         signer_env.push(("ENGRAM_POLICY_SYMBOLS", "BTCUSDT".to_owned()));
@@ -125,6 +131,7 @@ impl Stack {
             bao,
             double,
             _audit_dir: audit_dir,
+            _state_dir: state_dir,
             audit: Some(audit),
             signer: None,
             signer_env,
@@ -693,4 +700,54 @@ async fn a_418_halts_trading_and_429_is_reported_as_unavailable() {
             .is_err(),
         "resume is refused while the ban holds"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_survives_a_restart_and_so_does_a_resume() {
+    let mut stack = Stack::start(&[], Restrictions::default()).await;
+    stack.wait_ready().await;
+    let mut client = stack.client().await;
+    client
+        .halt(HaltRequest {
+            context: None,
+            reason: "incident 42".to_owned(),
+        })
+        .await
+        .expect("halt");
+    stack.signer.take().expect("signer").stop().await;
+    stack.start_signer().await;
+    stack.wait_ready().await;
+    let mut client = stack.client().await;
+    let status = client
+        .get_status(GetStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(status.halted, "the restart did not lift the kill switch");
+    assert_eq!(status.halt_reason, "incident 42");
+    let refused = client
+        .place_order(market("after-restart", "0.01"))
+        .await
+        .expect_err("still halted");
+    assert!(
+        refused.message().contains("kill_switch"),
+        "{}",
+        refused.message()
+    );
+
+    client
+        .resume(ResumeRequest { context: None })
+        .await
+        .expect("resume");
+    stack.signer.take().expect("signer").stop().await;
+    stack.start_signer().await;
+    stack.wait_ready().await;
+    let status = stack
+        .client()
+        .await
+        .get_status(GetStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(!status.halted, "a recorded resume survives the restart too");
 }
