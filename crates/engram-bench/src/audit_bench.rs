@@ -291,7 +291,9 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let scratch = tempfile::Builder::new().prefix("bench-").tempdir_in("target")?;
+    let scratch = tempfile::Builder::new()
+        .prefix("bench-")
+        .tempdir_in("target")?;
     runtime.block_on(async {
         let mut sink = match args.connect {
             Some(_) => None,

@@ -61,8 +61,16 @@ async fn echo_server() -> anyhow::Result<()> {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let scratch = tempfile::Builder::new().prefix("bench-").tempdir_in("target")?;
-    let dir = scratch.path();
+    let scratch = tempfile::Builder::new()
+        .prefix("bench-")
+        .tempdir_in("target")?;
+    // BENCH_KEEP=1 keeps the logs (target/bench-*) for a look afterwards.
+    let scratch_path = if std::env::var_os("BENCH_KEEP").is_some() {
+        scratch.keep()
+    } else {
+        scratch.path().to_path_buf()
+    };
+    let dir = scratch_path.as_path();
     let keys = dir.join("keys.json");
     std::fs::write(
         &keys,
@@ -120,6 +128,9 @@ async fn run() -> anyhow::Result<()> {
                 "ENGRAM_POLICY_MAX_ORDERS_PER_MINUTE",
                 "1000000000".to_owned(),
             ),
+            // The double does not enforce Binance's 6000 weight per minute; without this the
+            // signer's own pacing (right for Binance) would be what is measured.
+            ("ENGRAM_EXCHANGE_WEIGHT_LIMIT", "1000000000".to_owned()),
         ]),
         &dir.join("signer.log"),
     )

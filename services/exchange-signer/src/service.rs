@@ -738,24 +738,30 @@ impl ExchangeSigner for ExchangeSignerService {
                 let order = order_from_exchange(&placed);
                 lock(&s.outcomes).insert(id.clone(), order.clone());
                 s.metrics.orders.with_label_values(&["placed"]).inc();
-                let _ = s
-                    .audit(
-                        AuditCategory::Audit,
-                        "ORDER_PLACED",
-                        &correlation,
-                        &[
-                            ("client_order_id", text(&id)),
-                            (
-                                "exchange_order_id",
-                                text(order.exchange_order_id.to_string()),
-                            ),
-                            (
-                                "status",
-                                text(placed["status"].as_str().unwrap_or_default()),
-                            ),
-                        ],
-                    )
-                    .await;
+                // The result is recorded after the answer: the durable record that matters for
+                // fail-closed (ORDER_REQUESTED) is already in, and the caller should not wait
+                // for a second sync.
+                let details = vec![
+                    ("client_order_id", text(&id)),
+                    (
+                        "exchange_order_id",
+                        text(order.exchange_order_id.to_string()),
+                    ),
+                    (
+                        "status",
+                        text(placed["status"].as_str().unwrap_or_default()),
+                    ),
+                ];
+                let signer = self.signer.clone();
+                let correlation = correlation.clone();
+                tokio::spawn(async move {
+                    if let Err(status) = signer
+                        .audit(AuditCategory::Audit, "ORDER_PLACED", &correlation, &details)
+                        .await
+                    {
+                        tracing::error!(target: "security", error = %status.message(), "ORDER_PLACED could not be recorded");
+                    }
+                });
                 Ok(Response::new(PlaceOrderResponse {
                     order: Some(order),
                     replayed: false,

@@ -247,12 +247,18 @@ async fn an_order_is_audited_before_it_is_sent_and_a_repeat_replays_it() {
         "one order, not two"
     );
 
-    let actions = stack.audit_actions().await;
-    let mine: Vec<&str> = actions
-        .iter()
-        .filter(|(_, c)| c == "corr-nonce-1")
-        .map(|(a, _)| a.as_str())
-        .collect();
+    // ORDER_PLACED is recorded just after the answer: wait for it, then check the order.
+    let mine = poll_until("ORDER_PLACED recorded", Duration::from_secs(10), || async {
+        let actions = stack.audit_actions().await;
+        let mine: Vec<String> = actions
+            .into_iter()
+            .filter(|(_, c)| c == "corr-nonce-1")
+            .map(|(a, _)| a)
+            .collect();
+        (mine.len() >= 2).then_some(mine)
+    })
+    .await
+    .expect("both records");
     assert_eq!(
         mine,
         ["ORDER_REQUESTED", "ORDER_PLACED"],
