@@ -3,3 +3,4 @@
 //! configuration.
 
 pub mod exchange;
+pub mod llm;

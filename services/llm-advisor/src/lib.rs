@@ -4,6 +4,8 @@
 //! the shared runtime. The RPCs are registered with their generated defaults, which answer
 //! UNIMPLEMENTED until the service's own issue gives them behaviour.
 
+pub mod advice;
+
 use engram_proto::service_names;
 use engram_proto::v1::llm_advisor_server::LlmAdvisorServer;
 use engram_runtime::{ServiceContext, ServiceSpec};
