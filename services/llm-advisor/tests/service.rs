@@ -2,7 +2,7 @@
 //! for the logic still to come, rotation, a clean SIGTERM, no secret in output or metrics,
 //! and exit code 64 on bad configuration.
 
-use engram_testkit::{assert_bad_config_exits_64, assert_service_contract, expect_unimplemented};
+use engram_testkit::{assert_bad_config_exits_64, assert_service_contract};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_llm-advisor");
@@ -15,13 +15,19 @@ async fn keeps_the_service_contract_on_vault() {
         "engram.v1.LlmAdvisor",
         "engram/llm",
         json!({ "api_key": "canary-llm-key" }),
-        &[],
+        &[("LMSTUDIO_URL", "http://127.0.0.1:9".to_owned())],
         |channel| async move {
-            expect_unimplemented(
-                engram_proto::v1::llm_advisor_client::LlmAdvisorClient::new(channel)
-                    .advise(engram_proto::v1::AdviseRequest::default())
-                    .await,
-            )
+            // No model server in this test: advice is a clear UNAVAILABLE, never a guess.
+            match engram_proto::v1::llm_advisor_client::LlmAdvisorClient::new(channel)
+                .advise(engram_proto::v1::AdviseRequest {
+                    symbol: "BTCUSDT".to_owned(),
+                    ..Default::default()
+                })
+                .await
+            {
+                Err(status) if status.code() == tonic::Code::Unavailable => Ok(()),
+                other => anyhow::bail!("expected UNAVAILABLE, got {other:?}"),
+            }
         },
     )
     .await
