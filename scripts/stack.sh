@@ -113,7 +113,8 @@ await_exec() { # PID NEEDLE
 needle_for() { # NAME
     case $1 in
         openbao) printf 'bao server' ;;
-        exchange-double) printf '%s' "$BIN_DIR/engram-doubles" ;;
+        exchange-double) printf '%s' "$BIN_DIR/engram-doubles exchange" ;;
+        llm-double) printf '%s' "$BIN_DIR/engram-doubles llm" ;;
         *) printf '%s' "$BIN_DIR/$1" ;;
     esac
 }
@@ -186,7 +187,7 @@ cmd_down() {
     for svc in "${SERVICES[@]}"; do [[ $svc == audit-sink ]] || clients+=("$svc"); done
     stop_group "${clients[@]}"
     stop_group audit-sink
-    stop_group exchange-double
+    stop_group exchange-double llm-double
     stop_group openbao
     rm -f "$RUN_DIR/openbao.port"
     # The AppRole credentials died with the in-memory dev server; `up` issues new ones.
@@ -431,6 +432,30 @@ start_exchange_double() {
     say "exchange double on http://$EXCHANGE_DOUBLE_ADDR (pid $pid)"
 }
 
+LLM_DOUBLE_ADDR=127.0.0.1:1234
+
+# Starts the OpenAI-compatible LLM double unless LMSTUDIO_URL points at a real LM Studio.
+start_llm_double() {
+    [[ -z ${LMSTUDIO_URL:-} ]] || { say "LLM: $LMSTUDIO_URL (no double)"; return 0; }
+    local log="$LOG_DIR/llm-double.log" pid deadline
+    port_in_use "${LLM_DOUBLE_ADDR##*:}" && die "port ${LLM_DOUBLE_ADDR##*:} (LLM double) is already in use"
+    (
+        cd "$ROOT"
+        export ENGRAM_DOUBLE_LLM_ADDR="$LLM_DOUBLE_ADDR"
+        exec nohup setsid "$BIN_DIR/engram-doubles" llm >"$log" 2>&1 </dev/null
+    ) &
+    pid=$!
+    echo "$pid" >"$(pid_file llm-double)"
+    await_exec "$pid" "$(needle_for llm-double)" || true
+    deadline=$((SECONDS + 20))
+    until [[ $(http_code "http://$LLM_DOUBLE_ADDR/v1/models") == 200 ]]; do
+        pid_alive "$pid" || { log_tail "$log" >&2; die "the LLM double exited during start"; }
+        ((SECONDS < deadline)) || die "the LLM double did not answer within 20s"
+        sleep 0.2
+    done
+    say "LLM double on http://$LLM_DOUBLE_ADDR (pid $pid)"
+}
+
 # --- services --------------------------------------------------------------------------
 
 start_service() { # NAME
@@ -452,6 +477,9 @@ start_service() { # NAME
         export ENGRAM_VAULT_ROLE_ID
         export ENGRAM_VAULT_SECRET_ID_FILE="$RUN_DIR/$svc.secret_id"
         export ENGRAM_LOG_FORMAT="${ENGRAM_LOG_FORMAT:-json}"
+        if [[ $svc == llm-advisor ]]; then
+            export LMSTUDIO_URL="${LMSTUDIO_URL:-http://$LLM_DOUBLE_ADDR}"
+        fi
         if [[ $svc == exchange-signer ]]; then
             export ENGRAM_EXCHANGE_URL="${ENGRAM_EXCHANGE_URL:-http://$EXCHANGE_DOUBLE_ADDR}"
         fi
@@ -565,6 +593,7 @@ cmd_up() {
     start_vault
     configure_vault
     start_exchange_double
+    start_llm_double
     for svc in "${SERVICES[@]}"; do start_service "$svc"; done
     say "waiting up to ${READY_TIMEOUT}s for every /readyz to answer 200"
     wait_ready
@@ -583,6 +612,9 @@ cmd_status() {
     else
         printf '%-18s %-8s %-8s %s\n' openbao - stopped -
         all_ok=3
+    fi
+    if pid=$(live_pid llm-double); then
+        printf '%-18s %-8s %-8s %s\n' llm-double "$pid" running "$(http_code "http://$LLM_DOUBLE_ADDR/v1/models") (/v1/models)"
     fi
     if pid=$(live_pid exchange-double); then
         printf '%-18s %-8s %-8s %s\n' exchange-double "$pid" running "$(http_code "http://$EXCHANGE_DOUBLE_ADDR/api/v3/time") (/api/v3/time)"

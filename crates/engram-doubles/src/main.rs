@@ -5,16 +5,29 @@
 //! named by `ENGRAM_DOUBLE_EXCHANGE_KEYS_FILE` (`{"api_key": ..., "api_secret": ...}`, the
 //! dev secrets `make up` wrote into the local Vault). Keys are read from a file, never from
 //! arguments or the environment.
+//!
+//! `engram-doubles llm` serves the OpenAI-compatible LLM on `ENGRAM_DOUBLE_LLM_ADDR` (default
+//! 127.0.0.1:1234, LM Studio's port) with the model `ENGRAM_DOUBLE_LLM_MODEL`
+//! (default `engram-dev-model`).
 
 use std::process::ExitCode;
 
 use engram_doubles::exchange::{ExchangeDouble, KeyKind, Restrictions};
 
 fn usage() -> ExitCode {
-    eprintln!(
-        "usage: engram-doubles exchange   (settings: ENGRAM_DOUBLE_EXCHANGE_ADDR, ENGRAM_DOUBLE_EXCHANGE_KEYS_FILE)"
-    );
+    eprintln!("usage: engram-doubles exchange|llm");
     ExitCode::from(64)
+}
+
+async fn llm() -> anyhow::Result<()> {
+    let addr =
+        std::env::var("ENGRAM_DOUBLE_LLM_ADDR").unwrap_or_else(|_| "127.0.0.1:1234".to_owned());
+    let model =
+        std::env::var("ENGRAM_DOUBLE_LLM_MODEL").unwrap_or_else(|_| "engram-dev-model".to_owned());
+    let double = engram_doubles::llm::LlmDouble::start(addr.parse()?, &model).await?;
+    println!("LLM double listening on {}", double.url());
+    tokio::signal::ctrl_c().await?;
+    Ok(())
 }
 
 async fn exchange() -> anyhow::Result<()> {
@@ -54,9 +67,9 @@ fn main() -> ExitCode {
         }
     };
     let result = match command.as_str() {
-        "exchange" => runtime.block_on(async {
+        "exchange" | "llm" => runtime.block_on(async {
             tokio::select! {
-                result = exchange() => result,
+                result = async { if command == "llm" { llm().await } else { exchange().await } } => result,
                 () = async {
                     if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                         term.recv().await;
