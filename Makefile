@@ -16,7 +16,7 @@ STACK := scripts/stack.sh
 # Steps `make test` runs in order after `setup`; add new suites here (e.g. policy or chart checks).
 TEST_STEPS := lint test-rust
 
-.PHONY: help setup build test test-rust lint fmt up down status logs verify-audit bench-audit bench-sign bench-signer demo clean clean-all
+.PHONY: help setup build test test-rust lint fmt up down status logs verify-audit bench-audit bench-sign bench-signer bench-advisor demo clean clean-all
 
 ## help: list the targets
 help:
@@ -84,6 +84,11 @@ bench-sign:
 bench-signer: setup
 	$(CARGO) build --release -p exchange-signer -p audit-sink -p engram-doubles -p engram-bench
 	taskset -c 1 target/release/signer-bench
+
+## bench-advisor: advisor overhead over a direct call to the LLM double, and its memory (release)
+bench-advisor:
+	$(CARGO) build --release -p llm-advisor -p engram-doubles -p engram-bench
+	taskset -c 1 target/release/advisor-bench
 
 ## fmt: format the Rust code
 fmt:

@@ -25,6 +25,13 @@ async fn llm() -> anyhow::Result<()> {
     let model =
         std::env::var("ENGRAM_DOUBLE_LLM_MODEL").unwrap_or_else(|_| "engram-dev-model".to_owned());
     let double = engram_doubles::llm::LlmDouble::start(addr.parse()?, &model).await?;
+    // A model's own think time, for benchmarks that compare against it.
+    if let Some(ms) = std::env::var("ENGRAM_DOUBLE_LLM_LATENCY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        double.set_latency(std::time::Duration::from_millis(ms));
+    }
     println!("LLM double listening on {}", double.url());
     tokio::signal::ctrl_c().await?;
     Ok(())
