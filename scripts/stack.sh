@@ -407,53 +407,42 @@ configure_vault() {
 # --- outside-world doubles ---------------------------------------------------------------
 
 EXCHANGE_DOUBLE_ADDR=127.0.0.1:8082
-
-# Starts the Binance-compatible exchange double unless ENGRAM_EXCHANGE_URL points elsewhere
-# (Binance's spot testnet, say), and waits until it answers.
-start_exchange_double() {
-    [[ -z ${ENGRAM_EXCHANGE_URL:-} ]] || { say "exchange: $ENGRAM_EXCHANGE_URL (no double)"; return 0; }
-    local log="$LOG_DIR/exchange-double.log" pid deadline
-    port_in_use "${EXCHANGE_DOUBLE_ADDR##*:}" && die "port ${EXCHANGE_DOUBLE_ADDR##*:} (exchange double) is already in use"
-    (
-        cd "$ROOT"
-        export ENGRAM_DOUBLE_EXCHANGE_ADDR="$EXCHANGE_DOUBLE_ADDR"
-        export ENGRAM_DOUBLE_EXCHANGE_KEYS_FILE="$RUN_DIR/exchange-double-keys.json"
-        exec nohup setsid "$BIN_DIR/engram-doubles" exchange >"$log" 2>&1 </dev/null
-    ) &
-    pid=$!
-    echo "$pid" >"$(pid_file exchange-double)"
-    await_exec "$pid" "$(needle_for exchange-double)" || true
-    deadline=$((SECONDS + 20))
-    until [[ $(http_code "http://$EXCHANGE_DOUBLE_ADDR/api/v3/time") == 200 ]]; do
-        pid_alive "$pid" || { log_tail "$log" >&2; die "the exchange double exited during start"; }
-        ((SECONDS < deadline)) || die "the exchange double did not answer within 20s"
-        sleep 0.2
-    done
-    say "exchange double on http://$EXCHANGE_DOUBLE_ADDR (pid $pid)"
-}
-
 LLM_DOUBLE_ADDR=127.0.0.1:1234
 
-# Starts the OpenAI-compatible LLM double unless LMSTUDIO_URL points at a real LM Studio.
-start_llm_double() {
-    [[ -z ${LMSTUDIO_URL:-} ]] || { say "LLM: $LMSTUDIO_URL (no double)"; return 0; }
-    local log="$LOG_DIR/llm-double.log" pid deadline
-    port_in_use "${LLM_DOUBLE_ADDR##*:}" && die "port ${LLM_DOUBLE_ADDR##*:} (LLM double) is already in use"
+# Starts one double (`engram-doubles SUBCOMMAND`, with the caller's exported settings) on
+# ADDR and waits until PROBE_PATH answers 200.
+start_double() { # NAME SUBCOMMAND ADDR PROBE_PATH
+    local name=$1 subcommand=$2 addr=$3 probe=$4 log="$LOG_DIR/$1.log" pid deadline
+    port_in_use "${addr##*:}" && die "port ${addr##*:} ($name) is already in use"
     (
         cd "$ROOT"
-        export ENGRAM_DOUBLE_LLM_ADDR="$LLM_DOUBLE_ADDR"
-        exec nohup setsid "$BIN_DIR/engram-doubles" llm >"$log" 2>&1 </dev/null
+        exec nohup setsid "$BIN_DIR/engram-doubles" "$subcommand" >"$log" 2>&1 </dev/null
     ) &
     pid=$!
-    echo "$pid" >"$(pid_file llm-double)"
-    await_exec "$pid" "$(needle_for llm-double)" || true
+    echo "$pid" >"$(pid_file "$name")"
+    await_exec "$pid" "$(needle_for "$name")" || true
     deadline=$((SECONDS + 20))
-    until [[ $(http_code "http://$LLM_DOUBLE_ADDR/v1/models") == 200 ]]; do
-        pid_alive "$pid" || { log_tail "$log" >&2; die "the LLM double exited during start"; }
-        ((SECONDS < deadline)) || die "the LLM double did not answer within 20s"
+    until [[ $(http_code "http://$addr$probe") == 200 ]]; do
+        pid_alive "$pid" || { log_tail "$log" >&2; die "$name exited during start"; }
+        ((SECONDS < deadline)) || die "$name did not answer within 20s"
         sleep 0.2
     done
-    say "LLM double on http://$LLM_DOUBLE_ADDR (pid $pid)"
+    say "$name on http://$addr (pid $pid)"
+}
+
+# The Binance-compatible exchange double, unless ENGRAM_EXCHANGE_URL points elsewhere
+# (Binance's spot testnet, say). It accepts the key just written to Vault.
+start_exchange_double() {
+    [[ -z ${ENGRAM_EXCHANGE_URL:-} ]] || { say "exchange: $ENGRAM_EXCHANGE_URL (no double)"; return 0; }
+    ENGRAM_DOUBLE_EXCHANGE_ADDR="$EXCHANGE_DOUBLE_ADDR" \
+        ENGRAM_DOUBLE_EXCHANGE_KEYS_FILE="$RUN_DIR/exchange-double-keys.json" \
+        start_double exchange-double exchange "$EXCHANGE_DOUBLE_ADDR" /api/v3/time
+}
+
+# The OpenAI-compatible LLM double, unless LMSTUDIO_URL points at a real LM Studio.
+start_llm_double() {
+    [[ -z ${LMSTUDIO_URL:-} ]] || { say "LLM: $LMSTUDIO_URL (no double)"; return 0; }
+    ENGRAM_DOUBLE_LLM_ADDR="$LLM_DOUBLE_ADDR" start_double llm-double llm "$LLM_DOUBLE_ADDR" /v1/models
 }
 
 # --- services --------------------------------------------------------------------------
