@@ -281,6 +281,11 @@ impl ExchangeDouble {
         })
     }
 
+    /// How many orders the exchange holds, in any state.
+    pub fn order_count(&self) -> usize {
+        self.with(|x| x.orders.len())
+    }
+
     /// How many signed requests `api_key` has made that passed authentication.
     pub fn requests_by_key(&self, api_key: &str) -> usize {
         self.with(|x| x.requests_by_key.get(api_key).copied().unwrap_or(0))

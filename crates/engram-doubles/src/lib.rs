@@ -4,3 +4,4 @@
 
 pub mod exchange;
 pub mod llm;
+pub mod telegram;

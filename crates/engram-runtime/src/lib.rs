@@ -11,5 +11,6 @@ pub mod service;
 pub mod telemetry;
 
 pub use service::{
-    Application, RuntimeConfig, ServiceConfig, ServiceContext, ServiceSpec, run_main,
+    Application, InProcessService, RuntimeConfig, ServiceConfig, ServiceContext, ServiceSpec,
+    run_main,
 };

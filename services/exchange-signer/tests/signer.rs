@@ -2,7 +2,6 @@
 //! real OpenBao: audit before send, idempotency, every policy rule, the kill switch, bad
 //! input, an unknown outcome, a dangerous key, caps across a restart, rotation under load.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use engram_doubles::exchange::{ExchangeDouble, KeyKind, Knobs, Restrictions};
@@ -12,54 +11,23 @@ use engram_proto::v1::{
     GetStatusRequest, HaltRequest, OrderSide, OrderStatus, OrderType, PlaceOrderRequest,
     QueryRequest, RequestContext, ResumeRequest,
 };
-use engram_runtime::config::MapSource;
-use engram_runtime::{Application, RuntimeConfig, ServiceConfig, ServiceContext};
+use engram_runtime::{InProcessService, ServiceConfig, ServiceContext};
 use engram_testkit::{OpenBao, http_get, poll_until};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::Channel;
 
-struct Running {
-    grpc: SocketAddr,
-    admin: SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
-    }
-}
+type Running = InProcessService;
 
 async fn start_app<C: ServiceConfig>(
     spec: engram_runtime::ServiceSpec,
     env: Vec<(&'static str, String)>,
     build: impl FnOnce(&ServiceContext, C) -> anyhow::Result<Routes>,
 ) -> Running {
-    let mut pairs: Vec<(String, String)> = vec![
-        ("ENGRAM_GRPC_ADDR".into(), "127.0.0.1:0".into()),
-        ("ENGRAM_ADMIN_ADDR".into(), "127.0.0.1:0".into()),
-        ("ENGRAM_SECRET_REFRESH_SECS".into(), "0.5".into()),
-        ("ENGRAM_SHUTDOWN_DRAIN_DELAY_SECS".into(), "0".into()),
-    ];
-    pairs.extend(env.into_iter().map(|(k, v)| (k.to_owned(), v)));
-    let source = MapSource::from_pairs(pairs);
-    let (config, service) = RuntimeConfig::load_with::<C>(&spec, &source).expect("valid config");
-    let app = Application::build(spec, config, |context| build(context, service))
+    InProcessService::start(spec, env, build)
         .await
-        .expect("build");
-    let (grpc, admin) = (app.grpc_addr(), app.admin_addr());
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-    Running {
-        grpc,
-        admin,
-        shutdown,
-        task,
-    }
+        .expect("service starts")
 }
 
 struct Stack {
@@ -122,7 +90,7 @@ impl Stack {
             state_dir.path().display().to_string(),
         ));
         signer_env.push(("ENGRAM_EXCHANGE_URL", double.url()));
-        signer_env.push(("ENGRAM_AUDIT_ADDR", format!("http://{}", audit.grpc)));
+        signer_env.push(("ENGRAM_AUDIT_ADDR", format!("http://{}", audit.grpc_addr)));
         signer_env.push(("ENGRAM_POLICY_SYMBOLS", "BTCUSDT".to_owned()));
         for (name, value) in policy {
             signer_env.push((name, (*value).to_owned()));
@@ -155,7 +123,7 @@ impl Stack {
     }
 
     async fn wait_ready(&self) {
-        let admin = self.signer().admin;
+        let admin = self.signer().admin_addr;
         poll_until("signer /readyz 200", Duration::from_secs(20), || async move {
             matches!(http_get(admin, "/readyz").await, Ok((200, _))).then_some(())
         })
@@ -165,7 +133,7 @@ impl Stack {
 
     async fn client(&self) -> ExchangeSignerClient<Channel> {
         let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", self.signer().grpc))
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.signer().grpc_addr))
                 .expect("endpoint")
                 .connect()
                 .await
@@ -174,7 +142,7 @@ impl Stack {
     }
 
     async fn audit_actions(&self) -> Vec<(String, String)> {
-        let addr = self.audit.as_ref().expect("audit").grpc;
+        let addr = self.audit.as_ref().expect("audit").grpc_addr;
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .expect("endpoint")
             .connect()
@@ -367,7 +335,7 @@ async fn every_policy_rule_refuses_with_its_name_and_the_kill_switch_holds() {
         .into_inner();
     assert!(!status.halted);
     assert_eq!(stack.double.orders_with_client_id("h-1"), 0);
-    let (_, metrics) = http_get(stack.signer().admin, "/metrics")
+    let (_, metrics) = http_get(stack.signer().admin_addr, "/metrics")
         .await
         .expect("metrics");
     assert!(
@@ -492,7 +460,7 @@ async fn a_key_that_can_withdraw_never_becomes_ready() {
         },
     )
     .await;
-    let admin = stack.signer().admin;
+    let admin = stack.signer().admin_addr;
     let body = poll_until(
         "the withdrawal risk reported",
         Duration::from_secs(20),
@@ -585,7 +553,7 @@ async fn rotating_the_key_under_a_stream_of_orders_fails_none() {
         )
         .await
         .expect("rotate");
-    let admin = stack.signer().admin;
+    let admin = stack.signer().admin_addr;
     poll_until(
         "key version 2 in use",
         Duration::from_secs(10),
