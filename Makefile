@@ -114,15 +114,15 @@ verify-audit:
 logs:
 	$(STACK) logs
 
-## demo: start the stack and follow its logs; Ctrl-C stops the stack
+## demo: start the stack and chat with the bot from this terminal; Ctrl-C or /quit stops it all
 demo: up
 	@echo
-	@echo "Engram is running locally. The Telegram terminal chat is not there yet: for now, watch"
-	@echo "the services' logs below; admin endpoints are on 127.0.0.1:9101-9104 (/readyz, /metrics)."
-	@echo "Press Ctrl-C to stop the whole stack."
+	@echo "Engram is running locally. You are the admin user 100000001 of the dev bot: type /help."
+	@echo "Trades ask for confirmation: type the button's number. Logs: .engram/logs/ (scripts/stack.sh logs)."
+	@echo "/quit or Ctrl-C stops the whole stack."
 	@echo
 	@trap '$(STACK) down' EXIT; trap 'exit 0' INT TERM; \
-	$(STACK) logs || true
+	target/debug/engramctl chat || true
 
 ## clean: stop the stack, remove .engram/ and target/ (keeps .venv)
 clean: down

@@ -115,6 +115,7 @@ needle_for() { # NAME
         openbao) printf 'bao server' ;;
         exchange-double) printf '%s' "$BIN_DIR/engram-doubles exchange" ;;
         llm-double) printf '%s' "$BIN_DIR/engram-doubles llm" ;;
+        telegram-double) printf '%s' "$BIN_DIR/engram-doubles telegram" ;;
         *) printf '%s' "$BIN_DIR/$1" ;;
     esac
 }
@@ -187,11 +188,12 @@ cmd_down() {
     for svc in "${SERVICES[@]}"; do [[ $svc == audit-sink ]] || clients+=("$svc"); done
     stop_group "${clients[@]}"
     stop_group audit-sink
-    stop_group exchange-double llm-double
+    stop_group exchange-double llm-double telegram-double
     stop_group openbao
     rm -f "$RUN_DIR/openbao.port"
     # The AppRole credentials died with the in-memory dev server; `up` issues new ones.
-    rm -f "$RUN_DIR"/.vault-header.* "$RUN_DIR"/*.role_id "$RUN_DIR"/*.secret_id "$RUN_DIR"/exchange-double-keys.json
+    rm -f "$RUN_DIR"/.vault-header.* "$RUN_DIR"/*.role_id "$RUN_DIR"/*.secret_id "$RUN_DIR"/exchange-double-keys.json \
+        "$RUN_DIR"/telegram-double-token.json
     say "stack is down"
 }
 
@@ -340,6 +342,13 @@ seed_secrets() {
                  users: ($ENV.V_CHAT + ":admin")}}' |
         vault_write POST secret/data/engram/telegram
     say "secret/engram/telegram: bot_token $(origin TELEGRAM_BOT_TOKEN); chat/admin $chat_origin"
+    if [[ -z ${ENGRAM_TELEGRAM_API_URL:-} ]]; then
+        # The Telegram double accepts exactly the token just written to Vault (owner-only file).
+        V_TOKEN="$SEED_TELEGRAM_BOT_TOKEN" jq -n --slurpfile dev "$DEV_SECRETS" \
+            '{bot_token: ($ENV.V_TOKEN | if . == "" then $dev[0].bot_token else . end)}' \
+            >"$RUN_DIR/telegram-double-token.json"
+        chmod 600 "$RUN_DIR/telegram-double-token.json"
+    fi
 
     V_KEY="$SEED_BINANCE_API_KEY" V_SECRET="$SEED_BINANCE_API_SECRET" jq -n --slurpfile dev "$DEV_SECRETS" \
         '{data: {api_key: ($ENV.V_KEY | if . == "" then $dev[0].api_key else . end),
@@ -406,6 +415,7 @@ configure_vault() {
 
 # --- outside-world doubles ---------------------------------------------------------------
 
+TELEGRAM_DOUBLE_ADDR=127.0.0.1:8081
 EXCHANGE_DOUBLE_ADDR=127.0.0.1:8082
 LLM_DOUBLE_ADDR=127.0.0.1:1234
 
@@ -439,6 +449,15 @@ start_exchange_double() {
         start_double exchange-double exchange "$EXCHANGE_DOUBLE_ADDR" /api/v3/time
 }
 
+# The Telegram Bot API double, unless ENGRAM_TELEGRAM_API_URL points at the real Bot API
+# (https://api.telegram.org with the seed's TELEGRAM_BOT_TOKEN). `engramctl chat` talks to it.
+start_telegram_double() {
+    [[ -z ${ENGRAM_TELEGRAM_API_URL:-} ]] || { say "Telegram: $ENGRAM_TELEGRAM_API_URL (no double)"; return 0; }
+    ENGRAM_DOUBLE_TELEGRAM_ADDR="$TELEGRAM_DOUBLE_ADDR" \
+        ENGRAM_DOUBLE_TELEGRAM_TOKEN_FILE="$RUN_DIR/telegram-double-token.json" \
+        start_double telegram-double telegram "$TELEGRAM_DOUBLE_ADDR" /control/stats
+}
+
 # The OpenAI-compatible LLM double, unless LMSTUDIO_URL points at a real LM Studio.
 start_llm_double() {
     [[ -z ${LMSTUDIO_URL:-} ]] || { say "LLM: $LMSTUDIO_URL (no double)"; return 0; }
@@ -468,6 +487,9 @@ start_service() { # NAME
         export ENGRAM_LOG_FORMAT="${ENGRAM_LOG_FORMAT:-json}"
         if [[ $svc == llm-advisor ]]; then
             export LMSTUDIO_URL="${LMSTUDIO_URL:-http://$LLM_DOUBLE_ADDR}"
+        fi
+        if [[ $svc == telegram-gateway ]]; then
+            export ENGRAM_TELEGRAM_API_URL="${ENGRAM_TELEGRAM_API_URL:-http://$TELEGRAM_DOUBLE_ADDR}"
         fi
         if [[ $svc == exchange-signer ]]; then
             export ENGRAM_EXCHANGE_URL="${ENGRAM_EXCHANGE_URL:-http://$EXCHANGE_DOUBLE_ADDR}"
@@ -581,6 +603,7 @@ cmd_up() {
     UP_IN_PROGRESS=1
     start_vault
     configure_vault
+    start_telegram_double
     start_exchange_double
     start_llm_double
     for svc in "${SERVICES[@]}"; do start_service "$svc"; done
@@ -601,6 +624,9 @@ cmd_status() {
     else
         printf '%-18s %-8s %-8s %s\n' openbao - stopped -
         all_ok=3
+    fi
+    if pid=$(live_pid telegram-double); then
+        printf '%-18s %-8s %-8s %s\n' telegram-double "$pid" running "$(http_code "http://$TELEGRAM_DOUBLE_ADDR/control/stats") (/control/stats)"
     fi
     if pid=$(live_pid llm-double); then
         printf '%-18s %-8s %-8s %s\n' llm-double "$pid" running "$(http_code "http://$LLM_DOUBLE_ADDR/v1/models") (/v1/models)"

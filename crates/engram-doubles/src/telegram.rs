@@ -606,7 +606,7 @@ async fn bot_api(
     if let Some(response) = early {
         return response;
     }
-    match method.as_str() {
+    let response = match method.as_str() {
         "getMe" => {
             let mut me = bot_user();
             for (field, value) in [
@@ -646,7 +646,15 @@ async fn bot_api(
             }))
         }),
         _ => api_error(404, "Not Found: method not found"),
+    };
+    // Wakes the control API's long polls (and `engramctl chat`) for what the bot just did.
+    if matches!(
+        method.as_str(),
+        "sendMessage" | "editMessageText" | "answerCallbackQuery"
+    ) {
+        shared.changed.notify_waiters();
     }
+    response
 }
 
 async fn get_updates(shared: &Shared, params: &Map<String, Value>) -> Response {

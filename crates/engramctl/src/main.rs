@@ -1,6 +1,9 @@
 //! `engramctl`, the operator's tool. `engramctl audit verify DIR` checks an audit directory
 //! offline: the hash chain across segments and every checkpoint (signatures too, when the
 //! audit keys are given in a file or on standard input, never on the command line).
+//! `engramctl chat` talks to the bot from a terminal through the local Telegram double.
+
+mod chat;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -23,12 +26,34 @@ struct Cli {
     command: Command,
 }
 
+/// The local stack's dev chat id (`scripts/stack.sh`): allowed chat, admin chat and admin.
+const DEV_CHAT_ID: i64 = 100_000_001;
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// The audit trail.
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Talk to the bot from this terminal, through the local Telegram Bot API double.
+    Chat {
+        /// The double's URL.
+        #[arg(
+            long,
+            env = "ENGRAM_TELEGRAM_DOUBLE_URL",
+            default_value = "http://127.0.0.1:8081"
+        )]
+        url: String,
+        /// The Telegram user id to speak as (the dev stack's admin by default).
+        #[arg(long, default_value_t = DEV_CHAT_ID)]
+        user: i64,
+        /// The chat to speak in (default: the private chat with that user).
+        #[arg(long)]
+        chat: Option<i64>,
+        /// The username the bot sees.
+        #[arg(long, default_value = "operator")]
+        name: String,
     },
 }
 
@@ -141,11 +166,44 @@ fn audit_verify(dir: &Path, keys: Option<&Path>, json: bool) -> ExitCode {
     }
 }
 
+fn chat(settings: chat::ChatSettings) -> ExitCode {
+    // reqwest is built without a default TLS provider (see TOOLS.md).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("engramctl: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(chat::run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("engramctl: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Audit {
             command: AuditCommand::Verify { dir, keys, json },
         } => audit_verify(&dir, keys.as_deref(), json),
+        Command::Chat {
+            url,
+            user,
+            chat: chat_id,
+            name,
+        } => chat(chat::ChatSettings {
+            url,
+            user_id: user,
+            chat_id: chat_id.unwrap_or(user),
+            username: name,
+        }),
     }
 }
 
