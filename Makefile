@@ -16,7 +16,7 @@ STACK := scripts/stack.sh
 # Steps `make test` runs in order after `setup`; add new suites here (e.g. policy or chart checks).
 TEST_STEPS := lint test-rust
 
-.PHONY: help setup build test test-rust lint fmt up down status logs verify-audit bench-audit bench-sign bench-signer bench-advisor demo clean clean-all
+.PHONY: help setup build test test-rust lint fmt up down status logs verify-audit bench-audit bench-sign bench-signer bench-advisor bench-gateway demo clean clean-all
 
 ## help: list the targets
 help:
@@ -89,6 +89,11 @@ bench-signer: setup
 bench-advisor:
 	$(CARGO) build --release -p llm-advisor -p engram-doubles -p engram-bench
 	taskset -c 1 target/release/advisor-bench
+
+## bench-gateway: Telegram updates end to end through the double: latency, throughput, memory (release)
+bench-gateway:
+	$(CARGO) build --release -p telegram-gateway -p exchange-signer -p audit-sink -p engram-doubles -p engram-bench
+	target/release/gateway-bench
 
 ## fmt: format the Rust code
 fmt:

@@ -491,6 +491,10 @@ start_service() { # NAME
         if [[ $svc == telegram-gateway ]]; then
             export ENGRAM_TELEGRAM_API_URL="${ENGRAM_TELEGRAM_API_URL:-http://$TELEGRAM_DOUBLE_ADDR}"
         fi
+        if [[ $svc == exchange-signer || $svc == audit-sink ]]; then
+            # Their alerts go to the admin chat through the gateway.
+            export ENGRAM_ALERT_ADDR="http://127.0.0.1:${GRPC_PORT[telegram-gateway]}"
+        fi
         if [[ $svc == exchange-signer ]]; then
             export ENGRAM_EXCHANGE_URL="${ENGRAM_EXCHANGE_URL:-http://$EXCHANGE_DOUBLE_ADDR}"
         fi

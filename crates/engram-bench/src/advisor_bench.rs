@@ -6,24 +6,13 @@
 
 use std::path::PathBuf;
 
-use engram_bench::{closed_loop, spawn_service};
+use engram_bench::{closed_loop, rss_kib, spawn_service};
 use engram_proto::v1::AdviseRequest;
 use engram_proto::v1::llm_advisor_client::LlmAdvisorClient;
 use llm_advisor::advice::{MarketContext, build_messages, response_format};
 
 const SECONDS: u64 = 4;
 const MODEL: &str = "engram-dev-model";
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")
-                .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 async fn run() -> anyhow::Result<()> {
     let scratch = tempfile::Builder::new()

@@ -131,3 +131,52 @@ where
         failures,
     )
 }
+
+/// A release binary of this workspace (benchmarks run from the repo root).
+pub fn release(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from("target/release").join(name)
+}
+
+/// Resident memory of process `pid`, in KiB (0 when unknown).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Waits (at most 30 s) until `admin`'s `/readyz` answers 200; the error carries `log`.
+///
+/// # Errors
+///
+/// When it is not ready in time.
+pub async fn wait_ready(
+    http: &reqwest::Client,
+    admin: SocketAddr,
+    log: &Path,
+) -> anyhow::Result<()> {
+    let readyz = format!("http://{admin}/readyz");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http
+        .get(&readyz)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+        != 200
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "{} did not become ready:\n{}",
+                log.display(),
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

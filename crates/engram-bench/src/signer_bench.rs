@@ -11,17 +11,13 @@ use std::path::PathBuf;
 use std::rc::Rc;
 
 use anyhow::Context;
-use engram_bench::{closed_loop, spawn_service};
+use engram_bench::{closed_loop, release, spawn_service, wait_ready};
 use engram_proto::v1::exchange_signer_client::ExchangeSignerClient;
 use engram_proto::v1::{OrderSide, OrderType, PlaceOrderRequest, RequestContext};
 
 const KEY: &str = "bench-only-api-key";
 const SECRET: &str = "bench-only-api-secret";
 const SECONDS: u64 = 4;
-
-fn release(name: &str) -> PathBuf {
-    PathBuf::from("target/release").join(name)
-}
 
 fn order(client: usize, i: u64, run: &str) -> PlaceOrderRequest {
     PlaceOrderRequest {
@@ -136,23 +132,7 @@ async fn run() -> anyhow::Result<()> {
     )
     .await?;
     let http = reqwest::Client::new();
-    let readyz = format!("http://{}/readyz", signer.admin);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while http
-        .get(&readyz)
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
-        != 200
-    {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the signer did not become ready:\n{}",
-            std::fs::read_to_string(dir.join("signer.log")).unwrap_or_default()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_ready(&http, signer.admin, &dir.join("signer.log")).await?;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", signer.grpc))?
         .connect()
         .await?;

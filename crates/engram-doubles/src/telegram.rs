@@ -216,6 +216,20 @@ impl TelegramDouble {
             user_id,
             &format!("user{user_id}"),
             text,
+            None,
+        )
+    }
+
+    /// As [`Self::send_from`], dated `date` (Unix seconds): a message that waited in
+    /// Telegram's queue while the bot was away.
+    pub fn send_dated(&self, chat_id: i64, user_id: i64, text: &str, date: i64) -> i64 {
+        inject_message(
+            &self.shared(),
+            chat_id,
+            user_id,
+            &format!("user{user_id}"),
+            text,
+            Some(date),
         )
     }
 
@@ -279,7 +293,14 @@ fn push_update(shared: &Shared, build: impl FnOnce(i64, &mut TelegramState) -> V
     id
 }
 
-fn inject_message(shared: &Shared, chat_id: i64, user_id: i64, username: &str, text: &str) -> i64 {
+fn inject_message(
+    shared: &Shared,
+    chat_id: i64,
+    user_id: i64,
+    username: &str,
+    text: &str,
+    date: Option<i64>,
+) -> i64 {
     push_update(shared, |update_id, s| {
         let message_id = s.next_message_id;
         s.next_message_id += 1;
@@ -287,7 +308,7 @@ fn inject_message(shared: &Shared, chat_id: i64, user_id: i64, username: &str, t
             "message_id": message_id,
             "from": person(user_id, username),
             "chat": chat(chat_id, username),
-            "date": now_unix(),
+            "date": date.unwrap_or_else(now_unix),
             "text": text,
         });
         if let Some(length) = text.starts_with('/').then(|| {
@@ -924,7 +945,14 @@ async fn control_message(
     let username = body
         .username
         .unwrap_or_else(|| format!("user{}", body.user_id));
-    let update_id = inject_message(&shared, body.chat_id, body.user_id, &username, &body.text);
+    let update_id = inject_message(
+        &shared,
+        body.chat_id,
+        body.user_id,
+        &username,
+        &body.text,
+        None,
+    );
     Json(json!({ "update_id": update_id })).into_response()
 }
 

@@ -3,6 +3,7 @@
 //! gRPC bootstrap with health and trace propagation, and graceful shutdown.
 
 pub mod admin;
+pub mod alerts;
 pub mod audit;
 pub mod config;
 pub mod grpc;

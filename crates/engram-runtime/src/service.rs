@@ -81,6 +81,9 @@ pub struct RuntimeConfig {
     /// The audit sink's gRPC address, for lifecycle and the service's own events. Unset:
     /// nothing is recorded unless the service installs its own recorder (the sink does).
     pub audit_addr: Option<Url>,
+    /// `ENGRAM_ALERT_ADDR`: the Telegram gateway's gRPC URL, where alerts go (unset: alerts
+    /// are only logged).
+    pub alert_addr: Option<Url>,
 }
 
 /// A service's own settings, read from the same sources and validated with the shared ones,
@@ -141,6 +144,7 @@ impl RuntimeConfig {
         }
         let otlp_endpoint = reader.optional_url("OTEL_EXPORTER_OTLP_ENDPOINT");
         let audit_addr = reader.optional_url("ENGRAM_AUDIT_ADDR");
+        let alert_addr = reader.optional_url("ENGRAM_ALERT_ADDR");
 
         let secrets = match reader.choice_or("ENGRAM_SECRET_SOURCE", "vault", &["vault", "env"]) {
             "env" => SecretsConfig::Env {
@@ -158,6 +162,7 @@ impl RuntimeConfig {
             secrets,
             otlp_endpoint,
             audit_addr,
+            alert_addr,
         }
     }
 
@@ -289,6 +294,7 @@ pub struct ServiceContext {
     /// an earlier audit key signed).
     pub secret_source: Arc<dyn SecretSource>,
     audit: Arc<std::sync::OnceLock<Arc<dyn AuditRecorder>>>,
+    alerts: Option<crate::alerts::AlertSender>,
 }
 
 impl ServiceContext {
@@ -301,6 +307,15 @@ impl ServiceContext {
     /// that writes to its own log.
     pub fn set_audit_recorder(&self, recorder: Arc<dyn AuditRecorder>) {
         let _ = self.audit.set(recorder);
+    }
+
+    /// Raises an alert to the admin chat (through the gateway at `ENGRAM_ALERT_ADDR`), in the
+    /// background. `kind` is a short stable name the gateway de-duplicates on. Always logged.
+    pub fn alert(&self, severity: engram_proto::v1::Severity, kind: &str, message: &str) {
+        tracing::warn!(target: "security", kind, severity = severity.as_str_name(), message, "alert");
+        if let Some(sender) = &self.alerts {
+            sender.send(severity, kind, message);
+        }
     }
 }
 
@@ -436,6 +451,12 @@ impl Application {
             shutdown: CancellationToken::new(),
             secret_source: source_for_context,
             audit: Arc::default(),
+            alerts: config
+                .alert_addr
+                .as_ref()
+                .map(|addr| crate::alerts::AlertSender::new(spec.name, addr))
+                .transpose()
+                .map_err(BuildError::Service)?,
         };
         let routes = build_routes(&context).map_err(BuildError::Service)?;
         if let Some(addr) = &config.audit_addr {

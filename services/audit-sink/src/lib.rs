@@ -192,21 +192,14 @@ pub fn routes(context: &ServiceContext, config: AuditConfig) -> anyhow::Result<R
     context.set_audit_recorder(Arc::new(LocalRecorder { log: log.clone() }));
     survive_file_size_limit();
     let service = AuditSinkService::new(log, keys, metrics);
-    spawn_periodic_verify(
-        service.clone(),
-        config.verify_interval,
-        context.shutdown.clone(),
-    );
+    spawn_periodic_verify(service.clone(), config.verify_interval, context.clone());
     Ok(Routes::new(AuditSinkServer::new(service)))
 }
 
 /// Verifies the trail every `interval` (first after one interval) until shutdown; a failure
 /// is counted and logged by `run_verify`.
-fn spawn_periodic_verify(
-    service: AuditSinkService,
-    interval: Duration,
-    stop: tokio_util::sync::CancellationToken,
-) {
+fn spawn_periodic_verify(service: AuditSinkService, interval: Duration, context: ServiceContext) {
+    let stop = context.shutdown.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -217,7 +210,14 @@ fn spawn_periodic_verify(
                 Ok(report) if report.ok => {
                     tracing::info!(records = report.records_checked, "audit trail verified")
                 }
-                Ok(_) => {}
+                Ok(report) => context.alert(
+                    engram_proto::v1::Severity::Critical,
+                    "audit_verify_failed",
+                    &format!(
+                        "The audit trail does not verify at record {} ({}): {}",
+                        report.first_bad_seq, report.first_bad_segment, report.reason
+                    ),
+                ),
                 Err(status) => {
                     tracing::error!(error = %status.message(), "periodic audit verification failed to run")
                 }

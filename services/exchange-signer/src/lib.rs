@@ -312,6 +312,14 @@ async fn check_key(signer: &Signer) -> Result<(), client::ExchangeError> {
     let risks = dangerous(&restrictions);
     if !risks.is_empty() {
         tracing::error!(target: "security", risks = ?risks, "the exchange key can move funds out: the signer will not become ready");
+        signer.context.alert(
+            engram_proto::v1::Severity::Critical,
+            "exchange_key_dangerous",
+            &format!(
+                "The exchange key allows {}: the signer refuses to trade with it. Replace the key.",
+                risks.join(", ")
+            ),
+        );
     } else if !restrictions["ipRestrict"].as_bool().unwrap_or(false) {
         tracing::warn!(target: "security", "the exchange key is not IP-restricted");
     }

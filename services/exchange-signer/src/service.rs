@@ -956,6 +956,11 @@ impl ExchangeSigner for ExchangeSignerService {
             ));
         }
         self.signer.halt(reason);
+        self.signer.context.alert(
+            engram_proto::v1::Severity::Critical,
+            "trading_halted",
+            &format!("Trading halted: {reason}"),
+        );
         let correlation = request
             .context
             .as_ref()

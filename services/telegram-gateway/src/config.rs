@@ -25,6 +25,10 @@ pub enum UpdateMode {
 /// Telegram's outgoing message limits, enforced before sending (teloxide's throttling).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SendLimits {
+    /// `ENGRAM_TELEGRAM_THROTTLE` (default `on`). teloxide's throttle releases messages in
+    /// 250 ms ticks, so it adds up to a quarter second to each reply; `off` is only for a Bot
+    /// API that does not rate-limit (a benchmark against the double), never for Telegram.
+    pub throttle: bool,
     /// `ENGRAM_TELEGRAM_MESSAGES_PER_SEC_CHAT` (Telegram: 1).
     pub per_sec_chat: u32,
     /// `ENGRAM_TELEGRAM_MESSAGES_PER_MIN_CHAT` (Telegram: 20 in groups).
@@ -107,6 +111,7 @@ impl ServiceConfig for GatewayConfig {
             },
         );
         let send_limits = SendLimits {
+            throttle: reader.choice_or("ENGRAM_TELEGRAM_THROTTLE", "on", &["on", "off"]) == "on",
             per_sec_chat: reader.positive_u32_or("ENGRAM_TELEGRAM_MESSAGES_PER_SEC_CHAT", 1),
             per_min_chat: reader.positive_u32_or("ENGRAM_TELEGRAM_MESSAGES_PER_MIN_CHAT", 20),
             per_sec_overall: reader.positive_u32_or("ENGRAM_TELEGRAM_MESSAGES_PER_SEC", 30),

@@ -37,6 +37,10 @@ use crate::telegram::TelegramBot;
 
 /// The service name in actors and audit records.
 pub const SERVICE: &str = "telegram-gateway";
+/// Commands older than this (by Telegram's date) are not run: they waited in Telegram's queue
+/// while the gateway was down.
+pub const MAX_COMMAND_AGE_SECS: i64 = 120;
+
 /// Most AUTH_DENIED records per chat per notice window; later refusals are only counted.
 pub const MAX_DENIED_RECORDS_PER_CHAT: u32 = 20;
 
@@ -505,17 +509,21 @@ impl Gateway {
     }
 
     async fn on_message(self: &Arc<Self>, update_id: u32, message: &Message) -> &'static str {
-        let (Some(from), Some(message_text)) = (message.from.as_ref(), message.text()) else {
+        let Some(from) = message.from.as_ref() else {
             return "other";
         };
         let chat_id = message.chat.id.0;
         let user_id = i64::try_from(from.id.0).unwrap_or(i64::MAX);
         let correlation_id = format!("tg-{update_id}");
+        // Strangers are refused whatever they send (a sticker too), before anything is read.
         let Some((role, _)) = self
             .authorize(chat_id, user_id, &correlation_id, true)
             .await
         else {
             return "unauthorized";
+        };
+        let Some(message_text) = message.text() else {
+            return "other";
         };
         let caller = Caller {
             user_id,
@@ -566,6 +574,25 @@ impl Gateway {
                 self.send(chat_id, &html, &[]).await;
             }
             return "rate_limited";
+        }
+        // A command queued at Telegram while the gateway was away is not run late: the market
+        // moved, and a late trade or halt is not what was asked for.
+        let age = (reply::unix_now() - message.date.timestamp()).max(0);
+        if age > MAX_COMMAND_AGE_SECS {
+            self.record(
+                AuditCategory::Audit,
+                "COMMAND_STALE",
+                Self::actor(user_id, chat_id),
+                &caller.correlation_id,
+                &[("age_secs", number(age as f64))],
+            )
+            .await;
+            let html = format!(
+                "Not run: this was sent {} min ago, while the bot was unavailable. Send it again if you still want it.",
+                age / 60
+            );
+            self.send(chat_id, &html, &[]).await;
+            return "stale";
         }
         let username = lock(&self.username).clone();
         let command = match grammar::parse(message_text, &username) {

@@ -65,9 +65,25 @@ fn classify(error: &RequestError) -> &'static str {
 /// A button under a message: its label and its callback data.
 pub type Button = (String, String);
 
-/// One bot token's client, throttled to Telegram's limits.
+/// The Bot API client: throttled to Telegram's limits, or not (see [`SendLimits`]).
+enum Client {
+    Throttled(Throttle<Bot>),
+    Direct(Bot),
+}
+
+/// Runs `$call` (an expression over `$bot`, awaited inside) on whichever client is in use.
+macro_rules! on_client {
+    ($client:expr, |$bot:ident| $call:expr) => {
+        match $client {
+            Client::Throttled($bot) => $call,
+            Client::Direct($bot) => $call,
+        }
+    };
+}
+
+/// One bot token's client.
 struct Connection {
-    bot: Throttle<Bot>,
+    bot: Client,
     token: SecretString,
 }
 
@@ -114,14 +130,18 @@ impl TelegramBot {
             .build()
             .map_err(|e| format!("cannot build the Telegram HTTP client: {e}"))?;
         let bot = Bot::with_client(token.expose_secret(), client).set_api_url(self.api_url.clone());
-        let limits = Limits {
-            messages_per_sec_chat: self.limits.per_sec_chat,
-            messages_per_min_chat: self.limits.per_min_chat,
-            messages_per_min_channel_or_supergroup: self.limits.per_min_chat,
-            messages_per_sec_overall: self.limits.per_sec_overall,
+        let bot = if self.limits.throttle {
+            Client::Throttled(bot.throttle(Limits {
+                messages_per_sec_chat: self.limits.per_sec_chat,
+                messages_per_min_chat: self.limits.per_min_chat,
+                messages_per_min_channel_or_supergroup: self.limits.per_min_chat,
+                messages_per_sec_overall: self.limits.per_sec_overall,
+            }))
+        } else {
+            Client::Direct(bot)
         };
         self.connection.store(Some(Arc::new(Connection {
-            bot: bot.throttle(limits),
+            bot,
             token: token.clone(),
         })));
         Ok(())
@@ -158,23 +178,23 @@ impl TelegramBot {
     /// When Telegram refuses or cannot be reached.
     pub async fn username(&self) -> Result<String, TelegramError> {
         let connection = self.connection("getMe")?;
-        let me = connection
-            .bot
-            .get_me()
-            .await
+        let me = on_client!(&connection.bot, |bot| bot.get_me().await)
             .map_err(|e| Self::error(&connection, "getMe", &e))?;
         Ok(me.user.username.unwrap_or_default())
     }
 
-    fn keyboard(buttons: &[Button]) -> InlineKeyboardMarkup {
-        InlineKeyboardMarkup::new([buttons
-            .iter()
-            .map(|(label, data)| InlineKeyboardButton::callback(label.clone(), data.clone()))
-            .collect::<Vec<_>>()])
+    fn keyboard(buttons: &[Button]) -> Option<InlineKeyboardMarkup> {
+        (!buttons.is_empty()).then(|| {
+            InlineKeyboardMarkup::new([buttons
+                .iter()
+                .map(|(label, data)| InlineKeyboardButton::callback(label.clone(), data.clone()))
+                .collect::<Vec<_>>()])
+        })
     }
 
     /// Sends `html` (already escaped) to `chat_id`, with optional buttons; waits for the
-    /// throttle when Telegram's limits require it. Returns the new message's id.
+    /// throttle when Telegram's limits require it (and out a 429's `retry_after`). Returns the
+    /// new message's id.
     ///
     /// # Errors
     ///
@@ -185,29 +205,30 @@ impl TelegramBot {
         html: &str,
         buttons: &[Button],
     ) -> Result<i32, TelegramError> {
-        let connection = self.connection("sendMessage")?;
-        let mut request = connection
-            .bot
-            .send_message(ChatId(chat_id), html)
-            .parse_mode(ParseMode::Html);
-        if !buttons.is_empty() {
-            request = request.reply_markup(Self::keyboard(buttons));
-        }
-        request
-            .await
-            .map(|message| message.id.0)
-            .map_err(|e| Self::error(&connection, "sendMessage", &e))
+        self.with_one_retry("sendMessage", |connection| async move {
+            on_client!(&connection.bot, |bot| {
+                let mut request = bot
+                    .send_message(ChatId(chat_id), html)
+                    .parse_mode(ParseMode::Html);
+                if let Some(keyboard) = Self::keyboard(buttons) {
+                    request = request.reply_markup(keyboard);
+                }
+                request.await.map(|message| message.id.0)
+            })
+        })
+        .await
     }
 
-    /// Runs a call the throttle does not cover, waiting once if Telegram answers 429.
-    async fn with_one_retry<T, F, Fut>(
+    /// Runs a call, waiting once if Telegram answers 429 (the throttle retries sends itself;
+    /// this covers edits, button answers and the unthrottled client).
+    async fn with_one_retry<'a, T, F, Fut>(
         &self,
         method: &'static str,
         call: F,
     ) -> Result<T, TelegramError>
     where
         F: Fn(Arc<Connection>) -> Fut,
-        Fut: Future<Output = Result<T, RequestError>>,
+        Fut: Future<Output = Result<T, RequestError>> + 'a,
     {
         let connection = self.connection(method)?;
         match call(connection.clone()).await {
@@ -233,15 +254,16 @@ impl TelegramBot {
         html: &str,
         buttons: &[Button],
     ) -> Result<(), TelegramError> {
-        self.with_one_retry("editMessageText", |connection| {
-            let mut request = connection
-                .bot
-                .edit_message_text(ChatId(chat_id), MessageId(message_id), html)
-                .parse_mode(ParseMode::Html);
-            if !buttons.is_empty() {
-                request = request.reply_markup(Self::keyboard(buttons));
-            }
-            async move { request.await.map(|_| ()) }
+        self.with_one_retry("editMessageText", |connection| async move {
+            on_client!(&connection.bot, |bot| {
+                let mut request = bot
+                    .edit_message_text(ChatId(chat_id), MessageId(message_id), html)
+                    .parse_mode(ParseMode::Html);
+                if let Some(keyboard) = Self::keyboard(buttons) {
+                    request = request.reply_markup(keyboard);
+                }
+                request.await.map(|_| ())
+            })
         })
         .await
     }
@@ -252,12 +274,12 @@ impl TelegramBot {
     ///
     /// When Telegram refuses or cannot be reached.
     pub async fn answer(&self, callback_id: &str, text: &str) -> Result<(), TelegramError> {
-        self.with_one_retry("answerCallbackQuery", |connection| {
-            let request = connection
-                .bot
+        self.with_one_retry("answerCallbackQuery", |connection| async move {
+            on_client!(&connection.bot, |bot| bot
                 .answer_callback_query(CallbackQueryId(callback_id.to_owned()))
-                .text(text);
-            async move { request.await.map(|_| ()) }
+                .text(text)
+                .await
+                .map(|_| ()))
         })
         .await
     }
@@ -269,14 +291,14 @@ impl TelegramBot {
     /// When Telegram refuses (a bad token, another poller, a webhook set) or cannot be reached.
     pub async fn poll(&self, offset: i32, timeout: Duration) -> Result<Vec<Update>, TelegramError> {
         let connection = self.connection("getUpdates")?;
-        connection
-            .bot
+        let seconds = u32::try_from(timeout.as_secs()).unwrap_or(25);
+        on_client!(&connection.bot, |bot| bot
             .get_updates()
             .offset(offset)
-            .timeout(u32::try_from(timeout.as_secs()).unwrap_or(25))
+            .timeout(seconds)
             .allowed_updates([AllowedUpdate::Message, AllowedUpdate::CallbackQuery])
-            .await
-            .map_err(|e| Self::error(&connection, "getUpdates", &e))
+            .await)
+        .map_err(|e| Self::error(&connection, "getUpdates", &e))
     }
 
     /// `deleteWebhook`, before polling (Telegram refuses getUpdates while one is set).
@@ -285,9 +307,11 @@ impl TelegramBot {
     ///
     /// When Telegram refuses or cannot be reached.
     pub async fn delete_webhook(&self) -> Result<(), TelegramError> {
-        self.with_one_retry("deleteWebhook", |connection| {
-            let request = connection.bot.delete_webhook();
-            async move { request.await.map(|_| ()) }
+        self.with_one_retry("deleteWebhook", |connection| async move {
+            on_client!(&connection.bot, |bot| bot
+                .delete_webhook()
+                .await
+                .map(|_| ()))
         })
         .await
     }
@@ -298,13 +322,13 @@ impl TelegramBot {
     ///
     /// When Telegram refuses or cannot be reached.
     pub async fn set_webhook(&self, url: &Url, secret: &SecretString) -> Result<(), TelegramError> {
-        self.with_one_retry("setWebhook", |connection| {
-            let request = connection
-                .bot
+        self.with_one_retry("setWebhook", |connection| async move {
+            on_client!(&connection.bot, |bot| bot
                 .set_webhook(url.clone())
                 .secret_token(secret.expose_secret().to_owned())
-                .allowed_updates([AllowedUpdate::Message, AllowedUpdate::CallbackQuery]);
-            async move { request.await.map(|_| ()) }
+                .allowed_updates([AllowedUpdate::Message, AllowedUpdate::CallbackQuery])
+                .await
+                .map(|_| ()))
         })
         .await
     }
@@ -349,6 +373,7 @@ mod tests {
         let bot = TelegramBot::new(
             Url::parse("http://127.0.0.1:9").expect("url"),
             SendLimits {
+                throttle: true,
                 per_sec_chat: 1,
                 per_min_chat: 20,
                 per_sec_overall: 30,

@@ -181,6 +181,25 @@ async fn each_command_answers_and_bad_arguments_get_usage() {
         "{advice}"
     );
 
+    // A command that waited at Telegram while the gateway was down is not run late.
+    let late = stack.say_late(ADMIN, ADMIN, "/halt stale", 600).await;
+    assert!(
+        late.iter()
+            .any(|a| a.text.contains("Not run: this was sent 10 min ago")),
+        "{late:#?}"
+    );
+    assert!(
+        stack
+            .reply(ADMIN, ADMIN, "/status")
+            .await
+            .contains("<b>trading</b>")
+    );
+    let recent = stack.say_late(ADMIN, ADMIN, "/whoami", 30).await;
+    assert!(
+        recent.iter().any(|a| a.text.contains("role <b>admin</b>")),
+        "{recent:#?}"
+    );
+
     let halted = stack.reply(ADMIN, ADMIN, "/halt maintenance window").await;
     assert!(has(&halted, "halted</b>: maintenance window"), "{halted}");
     let status = stack.reply(ADMIN, ADMIN, "/status").await;

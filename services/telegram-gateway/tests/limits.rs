@@ -212,6 +212,35 @@ async fn alerts_are_deduplicated_rate_limited_and_escaped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_signers_halt_alert_reaches_the_admin_chat() {
+    let stack = Stack::start(Options::default()).await;
+    let seq = stack.telegram.last_seq();
+    let halted = stack.reply(common::GROUP, ADMIN, "/halt fire drill").await;
+    assert!(halted.contains("halted"), "{halted}");
+    let telegram = &stack.telegram;
+    let alert = poll_until(
+        "the signer's alert",
+        Duration::from_secs(10),
+        || async move {
+            telegram
+                .actions_after(seq)
+                .into_iter()
+                .find(|a| a.chat_id == ADMIN && a.text.contains("trading_halted"))
+        },
+    )
+    .await
+    .expect("alert");
+    assert!(
+        alert.text.starts_with(
+            "<b>[CRITICAL] exchange-signer</b>: trading_halted\nTrading halted: fire drill"
+        ),
+        "{}",
+        alert.text
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_bot_token_restarts_polling_without_a_restart() {
     let stack = Stack::start(Options::default()).await;
     assert!(stack.reply(ADMIN, ADMIN, "/whoami").await.contains("admin"));

@@ -125,8 +125,14 @@ impl Stack {
         let audit = InProcessService::start(audit_sink::SPEC, env, audit_sink::routes)
             .await
             .expect("audit sink");
+        // The gateway's gRPC port is chosen now, so the signer can send it alerts.
+        let gateway_port = engram_testkit::free_port_pair();
         let mut env = vault.clone();
         env.extend([
+            (
+                "ENGRAM_ALERT_ADDR",
+                format!("http://127.0.0.1:{gateway_port}"),
+            ),
             (
                 "ENGRAM_SIGNER_STATE_DIR",
                 state_dir.path().display().to_string(),
@@ -149,6 +155,7 @@ impl Stack {
 
         let mut gateway_env = vault;
         gateway_env.extend([
+            ("ENGRAM_GRPC_ADDR", format!("127.0.0.1:{gateway_port}")),
             ("ENGRAM_SECRET_REFRESH_SECS", "0.5".to_owned()),
             ("ENGRAM_SHUTDOWN_DRAIN_DELAY_SECS", "0".to_owned()),
             ("ENGRAM_TELEGRAM_API_URL", telegram.url()),
@@ -253,12 +260,32 @@ impl Stack {
         self.telegram.actions_after(seq)
     }
 
-    /// As [`Self::say`], expecting exactly one message back in `chat`; returns its text.
+    /// As [`Self::say`], for a message Telegram dated `age_secs` ago.
+    pub async fn say_late(
+        &self,
+        chat: i64,
+        user: i64,
+        text: &str,
+        age_secs: i64,
+    ) -> Vec<BotAction> {
+        let before = self.handled().await;
+        let seq = self.telegram.last_seq();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64;
+        self.telegram.send_dated(chat, user, text, now - age_secs);
+        self.wait_handled(before + 1).await;
+        self.telegram.actions_after(seq)
+    }
+
+    /// As [`Self::say`], expecting exactly one message back in `chat` (alerts to the admin
+    /// chat, which arrive on their own time, aside); returns its text.
     pub async fn reply(&self, chat: i64, user: i64, text: &str) -> String {
         let actions = self.say(chat, user, text).await;
         let sent: Vec<&BotAction> = actions
             .iter()
-            .filter(|a| a.kind == "send" && a.chat_id == chat)
+            .filter(|a| a.kind == "send" && a.chat_id == chat && !is_alert(a))
             .collect();
         assert_eq!(sent.len(), 1, "{text:?} got {actions:#?}");
         sent[0].text.clone()
@@ -306,6 +333,13 @@ impl Stack {
         self.bao.stop().await;
         output
     }
+}
+
+/// Whether the bot's message is an alert (`[CRITICAL] ...`).
+pub fn is_alert(action: &BotAction) -> bool {
+    ["<b>[CRITICAL]", "<b>[WARNING]", "<b>[INFO]"]
+        .iter()
+        .any(|p| action.text.starts_with(p))
 }
 
 /// The buttons' callback data of a confirmation question.
