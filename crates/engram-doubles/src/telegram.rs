@@ -562,6 +562,47 @@ fn check_text(params: &Map<String, Value>) -> Result<(String, String), String> {
     Ok((text.to_owned(), parse_mode.to_owned()))
 }
 
+/// A message's checked text, parse mode and keyboard.
+struct Content {
+    text: String,
+    parse_mode: String,
+    markup: Option<Value>,
+    buttons: Rows,
+}
+
+/// Telegram's checks on what sendMessage and editMessageText carry.
+fn content(params: &Map<String, Value>) -> Result<Content, String> {
+    let (text, parse_mode) = check_text(params)?;
+    let (markup, buttons) = keyboard(params)?;
+    Ok(Content {
+        text,
+        parse_mode,
+        markup,
+        buttons,
+    })
+}
+
+/// Appends to the log of what the bot did.
+fn log_action(
+    s: &mut TelegramState,
+    kind: &str,
+    chat_id: i64,
+    message_id: i64,
+    content: (String, String, Rows),
+) {
+    let seq = s.actions.len() as u64 + 1;
+    let (text, parse_mode, buttons) = content;
+    s.actions.push(BotAction {
+        seq,
+        kind: kind.to_owned(),
+        chat_id,
+        message_id,
+        text,
+        parse_mode,
+        buttons,
+    });
+}
+
 fn over_flood_limit(s: &mut TelegramState, chat_id: i64) -> bool {
     let Some(limits) = &s.flood else {
         return false;
@@ -740,12 +781,13 @@ fn send_message(shared: &Shared, params: &Map<String, Value>) -> Response {
     let Some(chat_id) = int(params, "chat_id") else {
         return api_error(400, "Bad Request: chat not found");
     };
-    let (text, parse_mode) = match check_text(params) {
-        Ok(checked) => checked,
-        Err(description) => return api_error(400, &format!("Bad Request: {description}")),
-    };
-    let (markup, buttons) = match keyboard(params) {
-        Ok(k) => k,
+    let Content {
+        text,
+        parse_mode,
+        markup,
+        buttons,
+    } = match content(params) {
+        Ok(content) => content,
         Err(description) => return api_error(400, &format!("Bad Request: {description}")),
     };
     shared.with(|s| {
@@ -766,16 +808,7 @@ fn send_message(shared: &Shared, params: &Map<String, Value>) -> Response {
             message["reply_markup"] = markup;
         }
         s.messages.insert((chat_id, message_id), message.clone());
-        let seq = s.actions.len() as u64 + 1;
-        s.actions.push(BotAction {
-            seq,
-            kind: "send".to_owned(),
-            chat_id,
-            message_id,
-            text,
-            parse_mode,
-            buttons,
-        });
+        log_action(s, "send", chat_id, message_id, (text, parse_mode, buttons));
         api_ok(message)
     })
 }
@@ -785,12 +818,13 @@ fn edit_message(shared: &Shared, params: &Map<String, Value>) -> Response {
     else {
         return api_error(400, "Bad Request: message to edit not found");
     };
-    let (text, parse_mode) = match check_text(params) {
-        Ok(checked) => checked,
-        Err(description) => return api_error(400, &format!("Bad Request: {description}")),
-    };
-    let (markup, buttons) = match keyboard(params) {
-        Ok(k) => k,
+    let Content {
+        text,
+        parse_mode,
+        markup,
+        buttons,
+    } = match content(params) {
+        Ok(content) => content,
         Err(description) => return api_error(400, &format!("Bad Request: {description}")),
     };
     shared.with(|s| {
@@ -816,16 +850,7 @@ fn edit_message(shared: &Shared, params: &Map<String, Value>) -> Response {
         }
         message["edit_date"] = json!(now_unix());
         let edited = message.clone();
-        let seq = s.actions.len() as u64 + 1;
-        s.actions.push(BotAction {
-            seq,
-            kind: "edit".to_owned(),
-            chat_id,
-            message_id,
-            text,
-            parse_mode,
-            buttons,
-        });
+        log_action(s, "edit", chat_id, message_id, (text, parse_mode, buttons));
         api_ok(edited)
     })
 }
@@ -841,16 +866,8 @@ fn answer_callback(shared: &Shared, params: &Map<String, Value>) -> Response {
                 "Bad Request: query is too old and response timeout expired or query ID is invalid",
             );
         }
-        let seq = s.actions.len() as u64 + 1;
-        s.actions.push(BotAction {
-            seq,
-            kind: "answer".to_owned(),
-            chat_id: 0,
-            message_id: 0,
-            text: string(params, "text").unwrap_or_default().to_owned(),
-            parse_mode: String::new(),
-            buttons: Vec::new(),
-        });
+        let text = string(params, "text").unwrap_or_default().to_owned();
+        log_action(s, "answer", 0, 0, (text, String::new(), Vec::new()));
         api_ok(json!(true))
     })
 }

@@ -982,15 +982,8 @@ impl Gateway {
                 )
                 .await;
                 self.answer(&query.id.0, "Expired.").await;
-                self.edit(
-                    chat_id,
-                    message.id().0,
-                    &format!(
-                        "Expired after {} s: nothing was placed. Send the command again.",
-                        self.config.confirm_ttl.as_secs()
-                    ),
-                )
-                .await;
+                self.edit(chat_id, message.id().0, &self.expired_text())
+                    .await;
             }
             Press::Cancelled(pending) => {
                 self.metrics
@@ -1282,6 +1275,14 @@ impl Gateway {
         }
     }
 
+    /// What an expired confirmation's message becomes.
+    fn expired_text(&self) -> String {
+        format!(
+            "Expired after {} s: nothing was placed. Send the command again.",
+            self.config.confirm_ttl.as_secs()
+        )
+    }
+
     /// Tells the owners of expired confirmations, and forgets them.
     pub async fn sweep_expired(&self) {
         let expired = lock(&self.limits).confirmations.sweep(Instant::now());
@@ -1299,15 +1300,8 @@ impl Gateway {
             )
             .await;
             if let Some(message_id) = pending.message_id {
-                self.edit(
-                    pending.chat_id,
-                    message_id,
-                    &format!(
-                        "Expired after {} s: nothing was placed. Send the command again.",
-                        self.config.confirm_ttl.as_secs()
-                    ),
-                )
-                .await;
+                self.edit(pending.chat_id, message_id, &self.expired_text())
+                    .await;
             }
         }
     }
