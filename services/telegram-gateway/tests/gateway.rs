@@ -420,7 +420,15 @@ async fn trades_wait_for_their_owners_confirmation_and_place_once() {
     ] {
         assert!(records.iter().any(|r| r.action == action), "no {action}");
     }
-    stack.stop().await;
+    assert!(
+        !format!("{records:?}").contains("canary"),
+        "a secret reached the audit trail"
+    );
+    let output = stack.stop().await;
+    assert!(
+        !output.contains("canary"),
+        "a secret leaked into the output:\n{output}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

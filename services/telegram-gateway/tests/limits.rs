@@ -324,10 +324,32 @@ async fn webhook_mode_takes_updates_only_with_the_secret() {
         }
         assert_eq!(request.send().await.expect("post").status(), 401);
     }
+    // The right secret with a body Telegram could not have sent: refused, nothing handled.
+    let garbage = client
+        .post(&url)
+        .header(
+            telegram_gateway::WEBHOOK_SECRET_HEADER,
+            "canary-webhook-secret",
+        )
+        .header("content-type", "application/json")
+        .body("{\"update_id\": \"not a number\"")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(garbage.status(), 400);
     let status = stack.reply(ADMIN, ADMIN, "/status").await;
     assert!(
         status.contains("<b>trading</b>"),
         "a forged delivery halted trading: {status}"
     );
-    stack.stop().await;
+    let records = format!("{:?}", stack.audit_records().await);
+    assert!(
+        !records.contains("canary"),
+        "a secret reached the audit trail"
+    );
+    let output = stack.stop().await;
+    assert!(
+        !output.contains("canary"),
+        "a secret leaked into the output:\n{output}"
+    );
 }
