@@ -2,8 +2,11 @@
 //! offline: the hash chain across segments and every checkpoint (signatures too, when the
 //! audit keys are given in a file or on standard input, never on the command line).
 //! `engramctl chat` talks to the bot from a terminal through the local Telegram double.
+//! `engramctl rotate exchange|telegram|audit` writes a new secret version to Vault, the new
+//! values read from a file or standard input.
 
 mod chat;
+mod rotate;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -35,6 +38,33 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Write a new version of a service's secret to Vault (values from a file or stdin as a
+    /// JSON object, never from arguments), stamped with today's date as `created`.
+    Rotate {
+        /// Which secret.
+        #[arg(value_enum)]
+        target: rotate::Target,
+        /// A JSON file with the new values, or `-` for standard input; e.g. for exchange
+        /// {"api_key": "...", "api_secret": "..."}.
+        #[arg(long, value_name = "FILE", required_unless_present = "generate")]
+        from: Option<PathBuf>,
+        /// audit only: generate a new 256-bit key instead of reading one.
+        #[arg(long, conflicts_with = "from")]
+        generate: bool,
+        /// Vault's address.
+        #[arg(
+            long,
+            env = "ENGRAM_VAULT_ADDR",
+            default_value = "http://127.0.0.1:8200"
+        )]
+        vault_addr: String,
+        /// The KV v2 mount.
+        #[arg(long, env = "ENGRAM_VAULT_KV_MOUNT", default_value = "secret")]
+        kv_mount: String,
+        /// A file holding the Vault token (else VAULT_TOKEN, else .engram/vault-token).
+        #[arg(long, env = "ENGRAM_VAULT_TOKEN_FILE", value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
     /// Talk to the bot from this terminal, through the local Telegram Bot API double.
     Chat {
@@ -166,6 +196,65 @@ fn audit_verify(dir: &Path, keys: Option<&Path>, json: bool) -> ExitCode {
     }
 }
 
+/// Exit code when Vault refuses or cannot be reached.
+const EXIT_VAULT: u8 = 1;
+
+fn rotate_secret(
+    target: rotate::Target,
+    from: Option<&Path>,
+    generate: bool,
+    access: Result<rotate::VaultAccess, String>,
+) -> ExitCode {
+    let fail = |message: String, code: u8| {
+        eprintln!("engramctl: {message}");
+        ExitCode::from(code)
+    };
+    let values = match (from, generate) {
+        (_, true) if target != rotate::Target::Audit => {
+            return fail(
+                "--generate is only for the audit key".to_owned(),
+                EXIT_USAGE,
+            );
+        }
+        (_, true) => match rotate::generate_key() {
+            Ok(key) => BTreeMap::from([("hmac_key".to_owned(), key)]),
+            Err(message) => return fail(message, EXIT_USAGE),
+        },
+        (Some(from), false) => match rotate::read_values(from) {
+            Ok(values) => values,
+            Err(message) => return fail(message, EXIT_USAGE),
+        },
+        (None, false) => return fail("give --from FILE or -".to_owned(), EXIT_USAGE),
+    };
+    if let Err(message) = rotate::check_values(target, &values) {
+        return fail(message, EXIT_USAGE);
+    }
+    let access = match access {
+        Ok(access) => access,
+        Err(message) => return fail(message, EXIT_USAGE),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(error.to_string(), EXIT_USAGE),
+    };
+    match runtime.block_on(rotate::rotate(&access, target, &values)) {
+        Ok(done) => {
+            println!(
+                "{}: version {} written ({} changed), created {}. The service picks it up at its next refresh.",
+                done.path,
+                done.version,
+                done.fields.join(", "),
+                done.created
+            );
+            ExitCode::SUCCESS
+        }
+        Err(message) => fail(message, EXIT_VAULT),
+    }
+}
+
 fn chat(settings: chat::ChatSettings) -> ExitCode {
     // reqwest is built without a default TLS provider (see TOOLS.md).
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -193,6 +282,19 @@ fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify { dir, keys, json },
         } => audit_verify(&dir, keys.as_deref(), json),
+        Command::Rotate {
+            target,
+            from,
+            generate,
+            vault_addr,
+            kv_mount,
+            token_file,
+        } => rotate_secret(
+            target,
+            from.as_deref(),
+            generate,
+            rotate::VaultAccess::from_env(vault_addr, kv_mount, token_file),
+        ),
         Command::Chat {
             url,
             user,
