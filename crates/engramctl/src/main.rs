@@ -7,6 +7,7 @@
 
 mod chat;
 mod rotate;
+mod timeline;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -89,6 +90,41 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum AuditCommand {
+    /// Print the newest records from the running audit sink (and follow new ones).
+    Tail {
+        /// The audit sink's gRPC URL.
+        #[arg(
+            long,
+            env = "ENGRAM_AUDIT_ADDR",
+            default_value = "http://127.0.0.1:50054"
+        )]
+        addr: String,
+        /// How many records.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        count: u32,
+        /// Keep printing new records as they arrive.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Export the records of a time window from the running audit sink, as JSON lines or CSV.
+    Export {
+        /// The audit sink's gRPC URL.
+        #[arg(
+            long,
+            env = "ENGRAM_AUDIT_ADDR",
+            default_value = "http://127.0.0.1:50054"
+        )]
+        addr: String,
+        /// From this time (RFC 3339, or a date for its midnight UTC), inclusive.
+        #[arg(long)]
+        since: Option<String>,
+        /// Until this time, exclusive.
+        #[arg(long)]
+        until: Option<String>,
+        /// `json` (one object per line) or `csv`.
+        #[arg(long, value_enum, default_value = "json")]
+        format: timeline::Format,
+    },
     /// Verify an audit directory offline and name the first bad record.
     Verify {
         /// The audit directory (segments and checkpoints.jsonl).
@@ -196,8 +232,8 @@ fn audit_verify(dir: &Path, keys: Option<&Path>, json: bool) -> ExitCode {
     }
 }
 
-/// Exit code when Vault refuses or cannot be reached.
-const EXIT_VAULT: u8 = 1;
+/// Exit code when Vault or a service refuses, or cannot be reached.
+const EXIT_REFUSED: u8 = 1;
 
 fn rotate_secret(
     target: rotate::Target,
@@ -251,8 +287,121 @@ fn rotate_secret(
             );
             ExitCode::SUCCESS
         }
-        Err(message) => fail(message, EXIT_VAULT),
+        Err(message) => fail(message, EXIT_REFUSED),
     }
+}
+
+/// Why a command failed, and the exit code that says so.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl Failure {
+    /// The operator's input is wrong (exit 2).
+    fn usage(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: EXIT_USAGE,
+        }
+    }
+
+    /// Vault or a service refused or could not be reached (exit 1).
+    fn refused(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: EXIT_REFUSED,
+        }
+    }
+}
+
+/// Runs `work` on a one-thread runtime and turns its outcome into the exit code.
+fn run_async(work: impl Future<Output = Result<(), Failure>>) -> ExitCode {
+    let outcome = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| Failure::usage(error.to_string()))
+        .and_then(|runtime| runtime.block_on(work));
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("engramctl: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+async fn audit_tail(addr: &str, count: u32, follow: bool) -> Result<(), Failure> {
+    let mut client = timeline::connect(addr).await.map_err(Failure::refused)?;
+    let records = timeline::newest(&mut client, count)
+        .await
+        .map_err(Failure::refused)?;
+    for record in &records {
+        println!("{}", timeline::to_line(record));
+    }
+    let mut last = records.last().map(|r| (r.sequence, r.recorded_at));
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+        let since = last.and_then(|(_, at)| at).and_then(|t| {
+            std::time::SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::new(
+                u64::try_from(t.seconds).ok()?,
+                u32::try_from(t.nanos).ok()?,
+            ))
+        });
+        let records = timeline::window(&mut client, since, None)
+            .await
+            .map_err(Failure::refused)?;
+        for record in records {
+            if last.is_none_or(|(seq, _)| record.sequence > seq) {
+                println!("{}", timeline::to_line(&record));
+                last = Some((record.sequence, record.recorded_at));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn audit_export(
+    addr: &str,
+    since: Option<&str>,
+    until: Option<&str>,
+    format: timeline::Format,
+) -> Result<(), Failure> {
+    let since = since
+        .map(timeline::parse_time)
+        .transpose()
+        .map_err(Failure::usage)?;
+    let until = until
+        .map(timeline::parse_time)
+        .transpose()
+        .map_err(Failure::usage)?;
+    if let (Some(since), Some(until)) = (since, until)
+        && until <= since
+    {
+        return Err(Failure::usage("--until must be after --since"));
+    }
+    let mut client = timeline::connect(addr).await.map_err(Failure::refused)?;
+    let records = timeline::window(&mut client, since, until)
+        .await
+        .map_err(Failure::refused)?;
+    if format == timeline::Format::Csv {
+        println!("{}", timeline::CSV_HEADER);
+    }
+    for record in &records {
+        match format {
+            timeline::Format::Json => println!("{}", timeline::to_json(record)),
+            timeline::Format::Csv => println!("{}", timeline::to_csv(record)),
+        }
+    }
+    eprintln!("engramctl: {} records exported", records.len());
+    Ok(())
 }
 
 fn chat(settings: chat::ChatSettings) -> ExitCode {
@@ -282,6 +431,28 @@ fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify { dir, keys, json },
         } => audit_verify(&dir, keys.as_deref(), json),
+        Command::Audit {
+            command:
+                AuditCommand::Tail {
+                    addr,
+                    count,
+                    follow,
+                },
+        } => run_async(audit_tail(&addr, count, follow)),
+        Command::Audit {
+            command:
+                AuditCommand::Export {
+                    addr,
+                    since,
+                    until,
+                    format,
+                },
+        } => run_async(audit_export(
+            &addr,
+            since.as_deref(),
+            until.as_deref(),
+            format,
+        )),
         Command::Rotate {
             target,
             from,
