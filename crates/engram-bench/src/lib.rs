@@ -42,6 +42,8 @@ pub async fn spawn_service(
     command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        // Plain gRPC unless the caller asks for mutual TLS (ENGRAM_TLS_MODE in `env`).
+        .env("ENGRAM_TLS_MODE", "off")
         .env("ENGRAM_GRPC_ADDR", "127.0.0.1:0")
         .env("ENGRAM_ADMIN_ADDR", "127.0.0.1:0")
         .env("ENGRAM_LOG_LEVEL", "warn,engram_runtime::service=info")

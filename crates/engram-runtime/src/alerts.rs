@@ -10,10 +10,11 @@ use std::time::Duration;
 use engram_proto::v1::telegram_gateway_client::TelegramGatewayClient;
 use engram_proto::v1::{Actor, RequestContext, SendAlertRequest, Severity};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use url::Url;
 
 use crate::grpc::inject_trace_context;
+use crate::tls::Transport;
 
 type Interceptor = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
 
@@ -33,16 +34,14 @@ impl std::fmt::Debug for AlertSender {
 }
 
 impl AlertSender {
-    /// A sender for `service`'s alerts to the gateway at `addr` (connected lazily).
+    /// A sender for `service`'s alerts to the gateway at `addr` over `transport` (connected
+    /// lazily).
     ///
     /// # Errors
     ///
     /// When `addr` is not a usable endpoint.
-    pub fn new(service: &'static str, addr: &Url) -> anyhow::Result<Self> {
-        let channel = Endpoint::from_shared(addr.to_string())?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(10))
-            .connect_lazy();
+    pub fn new(service: &'static str, transport: &Transport, addr: &Url) -> anyhow::Result<Self> {
+        let channel = transport.channel_to(addr, "telegram-gateway", Duration::from_secs(10))?;
         let interceptor: Interceptor = inject_trace_context;
         Ok(Self {
             service,

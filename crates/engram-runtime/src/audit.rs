@@ -9,10 +9,11 @@ use engram_proto::v1::{Actor, AppendRequest, AuditCategory, AuditEvent};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use url::Url;
 
 use crate::grpc::inject_trace_context;
+use crate::tls::Transport;
 
 /// Why an event could not be recorded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,17 +49,20 @@ impl std::fmt::Debug for GrpcAuditRecorder {
 }
 
 impl GrpcAuditRecorder {
-    /// A recorder for the sink at `addr`; connects lazily, each call bounded by `timeout`.
+    /// A recorder for the sink at `addr` over `transport`; connects lazily, each call
+    /// bounded by `timeout`.
     ///
     /// # Errors
     ///
     /// When `addr` is not a usable endpoint.
-    pub fn new(addr: &Url, timeout: Duration) -> Result<Self, AuditRecordError> {
-        let channel = Endpoint::from_shared(addr.to_string())
-            .map_err(|e| AuditRecordError(format!("bad audit sink address: {e}")))?
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .connect_lazy();
+    pub fn new(
+        transport: &Transport,
+        addr: &Url,
+        timeout: Duration,
+    ) -> Result<Self, AuditRecordError> {
+        let channel = transport
+            .channel_to(addr, "audit-sink", timeout)
+            .map_err(|e| AuditRecordError(format!("bad audit sink address: {e}")))?;
         let interceptor: fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> =
             inject_trace_context;
         Ok(Self {

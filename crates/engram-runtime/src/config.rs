@@ -196,6 +196,53 @@ impl<'a> ConfigReader<'a> {
         self.optional_url(name)
     }
 
+    /// Whether gRPC runs over mutual TLS (`ENGRAM_TLS_MODE` is `vault`, the default, or
+    /// `file`), which decides the scheme of every peer's URL.
+    pub fn grpc_tls_on(&self) -> bool {
+        self.raw("ENGRAM_TLS_MODE")
+            .is_none_or(|mode| !mode.eq_ignore_ascii_case("off"))
+    }
+
+    fn grpc_scheme_checked(&mut self, name: &str, url: Url) -> Option<Url> {
+        let expected = if self.grpc_tls_on() { "https" } else { "http" };
+        if url.scheme() == expected {
+            return Some(url);
+        }
+        self.problem(
+            name,
+            if expected == "https" {
+                "must be an https:// URL: gRPC runs over mutual TLS (ENGRAM_TLS_MODE)"
+            } else {
+                "must be an http:// URL while ENGRAM_TLS_MODE=off"
+            },
+        );
+        None
+    }
+
+    /// A peer's gRPC URL, or `None` when unset: `https://` with mutual TLS, `http://` without.
+    pub fn optional_grpc_url(&mut self, name: &str) -> Option<Url> {
+        let url = self.optional_url(name)?;
+        self.grpc_scheme_checked(name, url)
+    }
+
+    /// A peer's gRPC URL with a default `host:port`, in the scheme the TLS mode asks for.
+    pub fn grpc_url_or(&mut self, name: &str, default_host_port: &str) -> Option<Url> {
+        if self.raw(name).is_none() {
+            let scheme = if self.grpc_tls_on() { "https" } else { "http" };
+            return parse_http_url(&format!("{scheme}://{default_host_port}")).ok();
+        }
+        self.optional_grpc_url(name)
+    }
+
+    /// A peer's gRPC URL that must be set.
+    pub fn required_grpc_url(&mut self, name: &str) -> Option<Url> {
+        if self.raw(name).is_none() {
+            self.problem(name, "is required but not set");
+            return None;
+        }
+        self.optional_grpc_url(name)
+    }
+
     /// A URL with a default.
     pub fn url_or(&mut self, name: &str, default: &str) -> Option<Url> {
         if self.raw(name).is_none() {

@@ -1,11 +1,13 @@
 //! gRPC plumbing shared by every service: binding, the standard health service, W3C
-//! trace-context propagation for servers and clients, and graceful shutdown.
+//! trace-context propagation for servers and clients, mutual TLS with per-RPC
+//! authorization, and graceful shutdown.
 //!
-//! Transport security and per-RPC authorization plug in at [`GrpcServer::server_builder`]
-//! (TLS config) and around the `Routes` handed to [`GrpcServer::serve`] (an authorizing
-//! layer): both are the one place every service goes through.
+//! [`GrpcServer::serve`] is the one place every service's server goes through: with mutual
+//! TLS it accepts only handshaken connections and puts the authorization middleware in front
+//! of every route (the health service included).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -16,6 +18,23 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::authz::{Authorizer, authorize};
+use crate::tls::{MutualTls, tls_incoming};
+
+/// How a server admits callers.
+#[derive(Debug)]
+pub enum ServerSecurity {
+    /// Plain gRPC, everyone allowed: dev and tests only.
+    Open,
+    /// Mutual TLS, and the authorization table in front of every method.
+    Mutual {
+        /// The server's identity and trust anchors.
+        tls: Arc<MutualTls>,
+        /// Checks each call against the table.
+        authorizer: Box<Authorizer>,
+    },
+}
 
 /// A bound gRPC listener with its health reporter, not yet serving.
 pub struct GrpcServer {
@@ -77,8 +96,6 @@ impl GrpcServer {
         self.health().set_serving(serving).await;
     }
 
-    /// The one place the transport is configured: every service's server comes from here
-    /// (mutual TLS will be added here).
     fn server_builder() -> Server {
         Server::builder().trace_fn(server_span)
     }
@@ -92,18 +109,33 @@ impl GrpcServer {
     pub async fn serve(
         self,
         routes: Routes,
+        security: ServerSecurity,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
         let routes = routes.add_service(self.health_service);
-        Self::server_builder()
-            .add_routes(routes)
-            // Without TCP_NODELAY, Nagle holds a response's last small frame until the peer's
-            // delayed ACK (~40 ms): a latency cliff measured on batched appends.
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(self.listener).with_nodelay(Some(true)),
-                shutdown,
-            )
-            .await
+        match security {
+            ServerSecurity::Open => {
+                Self::server_builder()
+                    .add_routes(routes)
+                    // Without TCP_NODELAY, Nagle holds a response's last small frame until the
+                    // peer's delayed ACK (~40 ms): a latency cliff measured on batched appends.
+                    .serve_with_incoming_shutdown(
+                        TcpIncoming::from(self.listener).with_nodelay(Some(true)),
+                        shutdown,
+                    )
+                    .await
+            }
+            ServerSecurity::Mutual { tls, authorizer } => {
+                let guarded = routes
+                    .prepare()
+                    .into_axum_router()
+                    .layer(axum::middleware::from_fn_with_state(*authorizer, authorize));
+                Self::server_builder()
+                    .add_routes(Routes::from(guarded))
+                    .serve_with_incoming_shutdown(tls_incoming(self.listener, tls), shutdown)
+                    .await
+            }
+        }
     }
 }
 

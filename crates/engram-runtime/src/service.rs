@@ -17,15 +17,17 @@ use url::Url;
 
 use crate::admin::{self, AdminState, Check, Readiness};
 use crate::audit::{AuditRecorder, GrpcAuditRecorder, event, number, text};
+use crate::authz::Authorizer;
 use crate::config::{
     ConfigErrors, ConfigReader, ConfigSource, EXIT_CONFIG, ProcessEnv, load_file_layer,
 };
-use crate::grpc::{GrpcHealth, GrpcServer};
+use crate::grpc::{GrpcHealth, GrpcServer, ServerSecurity};
 use crate::secrets::{
     EnvSecretSource, SecretSource, SecretStore, SecretWatcher, VaultAuth, VaultSettings,
     VaultSource, WatcherSettings,
 };
 use crate::telemetry::{self, Metrics};
+use crate::tls::{CertificateSource, MutualTls, TlsSettings, Transport};
 
 /// What distinguishes one Engram service from another at the runtime level.
 #[derive(Debug, Clone, Copy)]
@@ -84,6 +86,8 @@ pub struct RuntimeConfig {
     /// `ENGRAM_ALERT_ADDR`: the Telegram gateway's gRPC URL, where alerts go (unset: alerts
     /// are only logged).
     pub alert_addr: Option<Url>,
+    /// Mutual TLS for every gRPC hop (`ENGRAM_TLS_MODE`).
+    pub tls: TlsSettings,
 }
 
 /// A service's own settings, read from the same sources and validated with the shared ones,
@@ -143,8 +147,8 @@ impl RuntimeConfig {
             );
         }
         let otlp_endpoint = reader.optional_url("OTEL_EXPORTER_OTLP_ENDPOINT");
-        let audit_addr = reader.optional_url("ENGRAM_AUDIT_ADDR");
-        let alert_addr = reader.optional_url("ENGRAM_ALERT_ADDR");
+        let audit_addr = reader.optional_grpc_url("ENGRAM_AUDIT_ADDR");
+        let alert_addr = reader.optional_grpc_url("ENGRAM_ALERT_ADDR");
 
         let secrets = match reader.choice_or("ENGRAM_SECRET_SOURCE", "vault", &["vault", "env"]) {
             "env" => SecretsConfig::Env {
@@ -152,6 +156,11 @@ impl RuntimeConfig {
             },
             _ => SecretsConfig::Vault(read_vault(spec, reader)),
         };
+        let tls = TlsSettings::read(
+            spec.name,
+            reader,
+            matches!(secrets, SecretsConfig::Vault(_)),
+        );
         Self {
             grpc_addr,
             admin_addr,
@@ -163,6 +172,7 @@ impl RuntimeConfig {
             otlp_endpoint,
             audit_addr,
             alert_addr,
+            tls,
         }
     }
 
@@ -293,6 +303,8 @@ pub struct ServiceContext {
     /// The source behind `secrets`, for reading older versions (for example to verify what
     /// an earlier audit key signed).
     pub secret_source: Arc<dyn SecretSource>,
+    /// How to reach other services: `transport.channel_to(url, "audit-sink", timeout)`.
+    pub transport: Transport,
     audit: Arc<std::sync::OnceLock<Arc<dyn AuditRecorder>>>,
     alerts: Option<crate::alerts::AlertSender>,
 }
@@ -362,6 +374,8 @@ pub struct Application {
     context: ServiceContext,
     watcher: SecretWatcher,
     vault: Option<Arc<VaultSource>>,
+    certificates: Option<(Arc<MutualTls>, CertificateSource)>,
+    security: ServerSecurity,
     shutdown_grace: Duration,
     drain_delay: Duration,
 }
@@ -421,6 +435,48 @@ impl Application {
 
         let readiness = Readiness::default();
         add_secret_checks(&readiness, &store);
+        let certificates = match config.tls {
+            TlsSettings::Off => {
+                tracing::warn!(
+                    target: "security",
+                    "ENGRAM_TLS_MODE=off: gRPC without mutual TLS, so without per-RPC authorization (development only)"
+                );
+                None
+            }
+            TlsSettings::Vault { mount, role, ttl } => {
+                let vault = vault.clone().ok_or_else(|| {
+                    BuildError::Secrets("ENGRAM_TLS_MODE=vault needs Vault secrets".to_owned())
+                })?;
+                Some(CertificateSource::Vault {
+                    vault,
+                    mount,
+                    role,
+                    ttl,
+                })
+            }
+            TlsSettings::Files {
+                cert,
+                key,
+                ca,
+                refresh,
+            } => Some(CertificateSource::Files {
+                cert,
+                key,
+                ca,
+                refresh,
+            }),
+        };
+        let certificates = match certificates {
+            Some(source) => {
+                let tls = MutualTls::new(spec.name, metrics.registry())?;
+                tls.add_readiness_check(&readiness);
+                Some((tls, source))
+            }
+            None => None,
+        };
+        let transport = certificates
+            .as_ref()
+            .map_or(Transport::Plain, |(tls, _)| Transport::Mutual(tls.clone()));
 
         let grpc = GrpcServer::bind(config.grpc_addr, spec.grpc_service)
             .await
@@ -454,16 +510,28 @@ impl Application {
             alerts: config
                 .alert_addr
                 .as_ref()
-                .map(|addr| crate::alerts::AlertSender::new(spec.name, addr))
+                .map(|addr| crate::alerts::AlertSender::new(spec.name, &transport, addr))
                 .transpose()
                 .map_err(BuildError::Service)?,
+            transport: transport.clone(),
         };
         let routes = build_routes(&context).map_err(BuildError::Service)?;
         if let Some(addr) = &config.audit_addr {
-            let recorder = GrpcAuditRecorder::new(addr, Duration::from_secs(5))
+            let recorder = GrpcAuditRecorder::new(&transport, addr, Duration::from_secs(5))
                 .map_err(|e| BuildError::Service(e.into()))?;
             context.set_audit_recorder(Arc::new(recorder));
         }
+        let security = match &certificates {
+            Some((tls, _)) => ServerSecurity::Mutual {
+                tls: tls.clone(),
+                authorizer: Box::new(Authorizer::new(
+                    spec.name,
+                    &context,
+                    context.metrics.registry(),
+                )?),
+            },
+            None => ServerSecurity::Open,
+        };
         Ok(Self {
             spec,
             grpc,
@@ -473,6 +541,8 @@ impl Application {
             context,
             watcher,
             vault,
+            certificates,
+            security,
             shutdown_grace: config.shutdown_grace,
             drain_delay: config.drain_delay,
         })
@@ -509,6 +579,8 @@ impl Application {
             context,
             watcher,
             vault,
+            certificates,
+            security,
             shutdown_grace,
             drain_delay,
         } = self;
@@ -517,6 +589,9 @@ impl Application {
         tasks.spawn(watcher.run(background.clone()));
         if let Some(vault) = vault {
             tasks.spawn(vault.maintain_token(background.clone()));
+        }
+        if let Some((tls, source)) = certificates {
+            tasks.spawn(crate::tls::keep(tls, source, background.clone()));
         }
         let health = grpc.health();
         tasks.spawn(follow_secrets(
@@ -554,7 +629,7 @@ impl Application {
                 tokio::time::sleep(drain_delay).await;
             }
         };
-        let serve = grpc.serve(routes, drain);
+        let serve = grpc.serve(routes, security, drain);
         tokio::pin!(serve);
         let grpc_result = tokio::select! {
             result = &mut serve => result.map_err(anyhow::Error::from),
@@ -831,6 +906,8 @@ impl InProcessService {
             ("ENGRAM_ADMIN_ADDR".into(), "127.0.0.1:0".into()),
             ("ENGRAM_SECRET_REFRESH_SECS".into(), "0.5".into()),
             ("ENGRAM_SHUTDOWN_DRAIN_DELAY_SECS".into(), "0".into()),
+            // Tests that exercise mutual TLS say so; the rest talk plain gRPC.
+            ("ENGRAM_TLS_MODE".into(), "off".into()),
         ];
         pairs.extend(env.into_iter().map(|(k, v)| (k.to_owned(), v)));
         let source = crate::config::MapSource::from_pairs(pairs);
@@ -848,9 +925,14 @@ impl InProcessService {
         })
     }
 
-    /// `http://` and the gRPC address, as other services' settings want it.
+    /// `http://` and the gRPC address, as other services' settings want it (plain gRPC).
     pub fn grpc_url(&self) -> String {
         format!("http://{}", self.grpc_addr)
+    }
+
+    /// `https://` and the gRPC address, for peers of a service running with mutual TLS.
+    pub fn grpc_tls_url(&self) -> String {
+        format!("https://{}", self.grpc_addr)
     }
 
     /// Shuts the service down and waits (at most 15 s) for it to finish.

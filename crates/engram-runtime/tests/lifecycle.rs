@@ -66,6 +66,7 @@ async fn harness(grace: &str, drain_delay: &str) -> Harness {
         ("ENGRAM_VAULT_TOKEN", bao.root_token().to_owned()),
         ("ENGRAM_SHUTDOWN_GRACE_SECS", grace.to_owned()),
         ("ENGRAM_SHUTDOWN_DRAIN_DELAY_SECS", drain_delay.to_owned()),
+        ("ENGRAM_TLS_MODE", "off".to_owned()),
     ]);
     let config = RuntimeConfig::load(&SPEC, &env).expect("config");
     let entered = Arc::new(Semaphore::new(0));

@@ -45,7 +45,11 @@ async fn the_server_span_joins_the_callers_trace() {
         .expect("bind");
     let addr = server.local_addr();
     let stop = tokio_util::sync::CancellationToken::new();
-    let serve = tokio::spawn(server.serve(Routes::new(service), stop.clone().cancelled_owned()));
+    let serve = tokio::spawn(server.serve(
+        Routes::new(service),
+        engram_runtime::grpc::ServerSecurity::Open,
+        stop.clone().cancelled_owned(),
+    ));
 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("endpoint")

@@ -60,6 +60,7 @@ async fn start(vars: &[(&str, String)]) -> Running {
         ("ENGRAM_ADMIN_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
         ("ENGRAM_SECRET_REFRESH_SECS".to_owned(), "0.5".to_owned()),
         ("ENGRAM_SHUTDOWN_GRACE_SECS".to_owned(), "5".to_owned()),
+        ("ENGRAM_TLS_MODE".to_owned(), "off".to_owned()),
     ];
     pairs.extend(vars.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
     let env = MapSource::from_pairs(pairs);

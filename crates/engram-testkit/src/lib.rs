@@ -269,6 +269,116 @@ impl OpenBao {
     }
 }
 
+/// A certificate issued by a test PKI mount, PEM.
+#[derive(Debug, Clone)]
+pub struct IssuedPem {
+    /// Leaf then the CA chain.
+    pub chain: String,
+    /// The private key.
+    pub key: String,
+    /// The issuing CA.
+    pub ca: String,
+}
+
+impl OpenBao {
+    /// Mounts a PKI engine at `mount` with a fresh root CA and one role per identity in
+    /// `services`, each allowed exactly the URI SAN `spiffe://engram/<service>` (the roles
+    /// `scripts/stack.sh` and the Helm chart's Vault setup create), at most 24 h.
+    ///
+    /// # Errors
+    ///
+    /// When a call to OpenBao fails.
+    pub async fn enable_pki(&self, mount: &str, services: &[&str]) -> anyhow::Result<()> {
+        use reqwest::Method;
+        self.api(
+            Method::POST,
+            &format!("sys/mounts/{mount}"),
+            Some(serde_json::json!({ "type": "pki", "config": { "max_lease_ttl": "87600h" } })),
+        )
+        .await?;
+        self.api(
+            Method::POST,
+            &format!("{mount}/root/generate/internal"),
+            Some(serde_json::json!({
+                "common_name": format!("engram test CA {mount}"),
+                "ttl": "87600h",
+                "key_type": "ec",
+                "key_bits": 256,
+            })),
+        )
+        .await?;
+        for service in services {
+            self.api(
+                Method::POST,
+                &format!("{mount}/roles/{service}"),
+                Some(pki_role(service)),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Issues a certificate for `spiffe://engram/<service>` from `mount`'s role `service`.
+    ///
+    /// # Errors
+    ///
+    /// When OpenBao refuses.
+    pub async fn issue(
+        &self,
+        mount: &str,
+        service: &str,
+        ttl_secs: u64,
+    ) -> anyhow::Result<IssuedPem> {
+        let response = self
+            .api(
+                reqwest::Method::POST,
+                &format!("{mount}/issue/{service}"),
+                Some(serde_json::json!({
+                    "uri_sans": format!("spiffe://engram/{service}"),
+                    "ttl": format!("{ttl_secs}s"),
+                    "private_key_format": "pkcs8",
+                })),
+            )
+            .await?;
+        let data = &response["data"];
+        let text = |field: &str| -> anyhow::Result<String> {
+            Ok(data[field].as_str().context("field missing")?.to_owned())
+        };
+        let mut chain = text("certificate")?;
+        for ca in data["ca_chain"].as_array().into_iter().flatten() {
+            chain.push('\n');
+            chain.push_str(ca.as_str().unwrap_or_default());
+        }
+        Ok(IssuedPem {
+            chain,
+            key: text("private_key")?,
+            ca: text("issuing_ca")?,
+        })
+    }
+}
+
+/// The PKI role of one service: its SPIFFE identity and nothing else, EC P-256, a day at most.
+pub fn pki_role(service: &str) -> Value {
+    serde_json::json!({
+        "allowed_uri_sans": format!("spiffe://engram/{service}"),
+        "allowed_domains": "",
+        "allow_any_name": false,
+        "allow_bare_domains": false,
+        "allow_subdomains": false,
+        "allow_localhost": false,
+        "allow_ip_sans": false,
+        "enforce_hostnames": false,
+        "require_cn": false,
+        "server_flag": true,
+        "client_flag": true,
+        "key_type": "ec",
+        "key_bits": 256,
+        "max_ttl": "24h",
+        "ttl": "24h",
+        "no_store": true,
+    })
+}
+
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
@@ -328,6 +438,8 @@ impl ServiceProcess {
         command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
+            // Plain gRPC unless the caller asks for mutual TLS (ENGRAM_TLS_MODE in `env`).
+            .env("ENGRAM_TLS_MODE", "off")
             .env("ENGRAM_GRPC_ADDR", "127.0.0.1:0")
             .env("ENGRAM_ADMIN_ADDR", "127.0.0.1:0")
             .current_dir(dir.path())

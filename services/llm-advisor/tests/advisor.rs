@@ -49,6 +49,7 @@ async fn start(extra: &[(&str, &str)]) -> Advisor {
         ("ENGRAM_SHUTDOWN_DRAIN_DELAY_SECS".into(), "0".into()),
         ("LMSTUDIO_URL".into(), double.url()),
         ("LMSTUDIO_TIMEOUT".into(), "5".into()),
+        ("ENGRAM_TLS_MODE".into(), "off".into()),
     ];
     pairs.extend(
         extra

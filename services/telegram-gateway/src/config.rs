@@ -116,14 +116,15 @@ impl ServiceConfig for GatewayConfig {
             per_min_chat: reader.positive_u32_or("ENGRAM_TELEGRAM_MESSAGES_PER_MIN_CHAT", 20),
             per_sec_overall: reader.positive_u32_or("ENGRAM_TELEGRAM_MESSAGES_PER_SEC", 30),
         };
+        // https:// with mutual TLS (the default), http:// with ENGRAM_TLS_MODE=off.
         let signer_addr = reader
-            .url_or("ENGRAM_SIGNER_ADDR", "http://127.0.0.1:50052")
+            .grpc_url_or("ENGRAM_SIGNER_ADDR", "127.0.0.1:50052")
             .unwrap_or_else(|| default_url("http://127.0.0.1:50052"));
         let advisor_addr = reader
-            .url_or("ENGRAM_ADVISOR_ADDR", "http://127.0.0.1:50053")
+            .grpc_url_or("ENGRAM_ADVISOR_ADDR", "127.0.0.1:50053")
             .unwrap_or_else(|| default_url("http://127.0.0.1:50053"));
         let audit_addr = reader
-            .required_url("ENGRAM_AUDIT_ADDR")
+            .required_grpc_url("ENGRAM_AUDIT_ADDR")
             .unwrap_or_else(|| default_url("http://127.0.0.1:50054"));
         Self {
             telegram_api_url,
@@ -175,7 +176,27 @@ mod tests {
     #[test]
     fn defaults_need_only_the_audit_address() {
         assert_eq!(problems(&[]), ["ENGRAM_AUDIT_ADDR"]);
-        assert!(problems(&[("ENGRAM_AUDIT_ADDR", "http://127.0.0.1:50054")]).is_empty());
+        assert!(problems(&[("ENGRAM_AUDIT_ADDR", "https://127.0.0.1:50054")]).is_empty());
+    }
+
+    #[test]
+    fn peer_urls_follow_the_tls_mode() {
+        // Mutual TLS is the default: a plain http:// peer would be a silent downgrade.
+        assert_eq!(
+            problems(&[
+                ("ENGRAM_AUDIT_ADDR", "http://127.0.0.1:50054"),
+                ("ENGRAM_SIGNER_ADDR", "https://127.0.0.1:50052"),
+            ]),
+            ["ENGRAM_AUDIT_ADDR"]
+        );
+        assert_eq!(
+            problems(&[
+                ("ENGRAM_TLS_MODE", "off"),
+                ("ENGRAM_AUDIT_ADDR", "http://127.0.0.1:50054"),
+                ("ENGRAM_SIGNER_ADDR", "https://127.0.0.1:50052"),
+            ]),
+            ["ENGRAM_SIGNER_ADDR"]
+        );
     }
 
     #[test]
@@ -206,7 +227,7 @@ mod tests {
     #[test]
     fn webhook_mode_needs_its_public_url() {
         let base = [
-            ("ENGRAM_AUDIT_ADDR", "http://127.0.0.1:50054"),
+            ("ENGRAM_AUDIT_ADDR", "https://127.0.0.1:50054"),
             ("ENGRAM_TELEGRAM_MODE", "webhook"),
         ];
         assert_eq!(problems(&base), ["ENGRAM_TELEGRAM_WEBHOOK_URL"]);

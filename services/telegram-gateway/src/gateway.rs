@@ -24,7 +24,7 @@ use ring::rand::SystemRandom;
 use rust_decimal::Decimal;
 use teloxide::types::{CallbackQuery, Message, Update, UpdateKind};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::Instrument;
 
 use crate::access::{AccessList, Denied};
@@ -190,14 +190,6 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
-fn channel(addr: &url::Url, timeout: Duration) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(addr.to_string())?
-        .connect_timeout(timeout.min(Duration::from_secs(5)))
-        .timeout(timeout)
-        .tcp_nodelay(true)
-        .connect_lazy())
-}
-
 /// A gRPC status as a short reply, escaped (a service's message is not markup).
 fn refusal(what: &str, status: &tonic::Status) -> String {
     let reason = match status.code() {
@@ -252,16 +244,17 @@ impl Gateway {
         bot: TelegramBot,
     ) -> anyhow::Result<Arc<Self>> {
         let interceptor: Interceptor = inject_trace_context;
+        let transport = &context.transport;
         let signer = ExchangeSignerClient::with_interceptor(
-            channel(&config.signer_addr, config.call_timeout)?,
+            transport.channel_to(&config.signer_addr, "exchange-signer", config.call_timeout)?,
             interceptor,
         );
         let advisor = LlmAdvisorClient::with_interceptor(
-            channel(&config.advisor_addr, config.advice_timeout)?,
+            transport.channel_to(&config.advisor_addr, "llm-advisor", config.advice_timeout)?,
             interceptor,
         );
         let audit = AuditSinkClient::with_interceptor(
-            channel(&config.audit_addr, config.call_timeout)?,
+            transport.channel_to(&config.audit_addr, "audit-sink", config.call_timeout)?,
             interceptor,
         );
         let limits = Limits {

@@ -16,7 +16,7 @@ use secrecy::SecretString;
 
 pub use env::{EnvSecretSource, parse_dotenv};
 pub use store::{SecretStore, SecretWatcher, SecretsStatus, WatcherSettings};
-pub use vault::{VaultAuth, VaultSettings, VaultSource};
+pub use vault::{IssuedCertificate, VaultAuth, VaultSettings, VaultSource};
 
 /// One version of one secret path: its fields (secret) and its metadata (not secret).
 #[derive(Clone)]

@@ -470,6 +470,69 @@ impl VaultSource {
     }
 }
 
+/// A certificate issued by Vault's PKI engine. The private key is a secret; the rest is
+/// public.
+pub struct IssuedCertificate {
+    /// The leaf, PEM.
+    pub certificate: String,
+    /// The issuing CA's chain, PEM each.
+    pub ca_chain: Vec<String>,
+    /// The issuing CA, PEM: the trust anchor for peers issued by the same CA.
+    pub issuing_ca: String,
+    /// The private key, PEM (PKCS#8).
+    pub private_key: SecretString,
+}
+
+impl std::fmt::Debug for IssuedCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedCertificate").finish_non_exhaustive()
+    }
+}
+
+impl VaultSource {
+    /// Issues a certificate for `uri_san` from `<mount>/issue/<role>`, valid for `ttl`.
+    ///
+    /// # Errors
+    ///
+    /// [`SecretError`] when Vault refuses (403 also wakes the re-login) or cannot be reached.
+    pub async fn issue_certificate(
+        &self,
+        mount: &str,
+        role: &str,
+        uri_san: &str,
+        ttl: Duration,
+    ) -> Result<IssuedCertificate, SecretError> {
+        self.ensure_token().await?;
+        let mut options = vaultrs::api::pki::requests::GenerateCertificateRequest::builder();
+        options
+            .uri_sans(uri_san)
+            .ttl(format!("{}s", ttl.as_secs()))
+            .private_key_format("pkcs8")
+            .exclude_cn_from_sans(true);
+        let what = format!("{mount}/issue/{role}");
+        let issued = {
+            let client = self.client.read().await;
+            vaultrs::pki::cert::generate(&*client, mount, role, Some(&mut options))
+                .await
+                .map_err(|e| self.map_read_error(&e, &what))?
+        };
+        // vaultrs derives Debug on the response, key included: move the key out at once.
+        let vaultrs::api::pki::responses::GenerateCertificateResponse {
+            certificate,
+            ca_chain,
+            issuing_ca,
+            private_key,
+            ..
+        } = issued;
+        Ok(IssuedCertificate {
+            certificate,
+            ca_chain: ca_chain.unwrap_or_default(),
+            issuing_ca,
+            private_key: SecretString::from(private_key),
+        })
+    }
+}
+
 fn build_client(settings: &VaultSettings, token: &str) -> Result<VaultClient, SecretError> {
     let mut builder = VaultClientSettingsBuilder::default();
     builder
