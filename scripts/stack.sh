@@ -33,6 +33,7 @@ ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="$ROOT/.engram"
 RUN_DIR="$STATE/run"
 LOG_DIR="$STATE/logs"
+PKI_DIR="$STATE/pki"
 TOKEN_FILE="$STATE/vault-token"
 # Generated dev secrets, kept across restarts so e.g. the audit HMAC chain stays verifiable.
 DEV_SECRETS="$STATE/dev-secrets.json"
@@ -409,8 +410,39 @@ configure_vault() {
     out=""
     say "AppRole roles and fresh secret ids: .engram/run/<service>.role_id / .secret_id"
 
+    configure_pki
     seed_secrets
     rm -f "$VAULT_HEADER"
+}
+
+# The mutual-TLS CA: a PKI mount with a root, one role per identity (the services and the
+# operator's engramctl), each allowed only its own spiffe://engram/<name> URI SAN. Each
+# service asks for its own certificate with its AppRole token (deploy/vault/policies); the
+# operator's is issued here with the root token into .engram/pki/ for engramctl.
+configure_pki() {
+    local out name
+    mkdir -p "$PKI_DIR"
+    chmod 700 "$PKI_DIR"
+    jq -n '{type: "pki", config: {max_lease_ttl: "87600h"}}' | vault_write POST sys/mounts/pki
+    if ! out=$(jq -n '{common_name: "Engram dev CA", ttl: "87600h", key_type: "ec", key_bits: 256}' |
+        vault_api POST pki/root/generate/internal -H 'Content-Type: application/json' --data-binary @-); then
+        die "cannot create the dev CA: $out"
+    fi
+    jq -er '.data.certificate' <<<"$out" >"$PKI_DIR/ca.crt" || die "no CA certificate"
+    for name in "${SERVICES[@]}" engramctl; do
+        sed "s/SERVICE/$name/" "$ROOT/deploy/vault/pki-role.json" | vault_write POST "pki/roles/$name"
+    done
+    if ! out=$(jq -n '{uri_sans: "spiffe://engram/engramctl", ttl: "24h", private_key_format: "pkcs8"}' |
+        vault_api POST pki/issue/engramctl -H 'Content-Type: application/json' --data-binary @-); then
+        die "cannot issue the operator's certificate: $out"
+    fi
+    (
+        umask 077
+        jq -er '.data.private_key' <<<"$out" >"$PKI_DIR/engramctl.key"
+    ) || die "no operator key"
+    jq -er '.data.certificate' <<<"$out" >"$PKI_DIR/engramctl.crt" || die "no operator certificate"
+    out=""
+    say "PKI: dev CA in $(rel "$PKI_DIR")/ca.crt, a role per identity, engramctl's 24 h certificate"
 }
 
 # --- outside-world doubles ---------------------------------------------------------------
@@ -485,6 +517,8 @@ start_service() { # NAME
         export ENGRAM_VAULT_ROLE_ID
         export ENGRAM_VAULT_SECRET_ID_FILE="$RUN_DIR/$svc.secret_id"
         export ENGRAM_LOG_FORMAT="${ENGRAM_LOG_FORMAT:-json}"
+        # Mutual TLS on every gRPC hop, each certificate from the dev PKI (pki/issue/<svc>).
+        export ENGRAM_TLS_MODE=vault
         if [[ $svc == llm-advisor ]]; then
             export LMSTUDIO_URL="${LMSTUDIO_URL:-http://$LLM_DOUBLE_ADDR}"
         fi
@@ -493,7 +527,7 @@ start_service() { # NAME
         fi
         if [[ $svc == exchange-signer || $svc == audit-sink ]]; then
             # Their alerts go to the admin chat through the gateway.
-            export ENGRAM_ALERT_ADDR="http://127.0.0.1:${GRPC_PORT[telegram-gateway]}"
+            export ENGRAM_ALERT_ADDR="https://127.0.0.1:${GRPC_PORT[telegram-gateway]}"
         fi
         if [[ $svc == exchange-signer ]]; then
             export ENGRAM_EXCHANGE_URL="${ENGRAM_EXCHANGE_URL:-http://$EXCHANGE_DOUBLE_ADDR}"
@@ -503,7 +537,7 @@ start_service() { # NAME
             export ENGRAM_AUDIT_DIR="$STATE/audit"
         else
             # Every other service records SERVICE_STARTED / SERVICE_STOPPED there.
-            export ENGRAM_AUDIT_ADDR="http://127.0.0.1:${GRPC_PORT[audit-sink]}"
+            export ENGRAM_AUDIT_ADDR="https://127.0.0.1:${GRPC_PORT[audit-sink]}"
         fi
         exec nohup setsid "$bin" >"$log" 2>&1 </dev/null
     ) &

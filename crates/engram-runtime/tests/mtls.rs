@@ -251,11 +251,13 @@ async fn a_stream_outlives_certificate_renewal_and_strangers_are_refused() {
         .head(HeadRequest {})
         .await
         .expect_err("impostor refused");
-    // TLS 1.3: the client finishes first and learns of the refusal as a closed connection.
+    // A transport failure, never an answer: with TLS 1.3 the client finishes first and learns
+    // of the refusal as the server's UnknownCA alert or a closed connection (timing decides).
+    // That the server refused is checked on its handshake counter below.
     assert!(
         matches!(
             error.code(),
-            tonic::Code::Unavailable | tonic::Code::Cancelled
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
         ),
         "{error:?}"
     );

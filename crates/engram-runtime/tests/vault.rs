@@ -449,6 +449,8 @@ async fn each_service_policy_reads_its_own_path_and_nothing_else() {
     bao.put_secret("engram/other", json!({ "value": "x" }))
         .await
         .expect("seed");
+    let names: Vec<&str> = services.iter().map(|(name, _)| *name).collect();
+    bao.enable_pki("pki", &names).await.expect("pki");
     let root = engram_testkit::repo_root();
     for (service, own_path) in services {
         let policy =
@@ -518,6 +520,37 @@ async fn each_service_policy_reads_its_own_path_and_nothing_else() {
             list.to_string().contains("HTTP 403"),
             "{service} must not list: {list}"
         );
+        // Its own mutual-TLS identity, and no other: not through another role, and not by
+        // asking its own role for someone else's SAN.
+        for (other, _) in services {
+            let issued = bao
+                .api_as(
+                    &token,
+                    Method::POST,
+                    &format!("pki/issue/{other}"),
+                    Some(json!({ "uri_sans": format!("spiffe://engram/{other}"), "ttl": "60s" })),
+                )
+                .await;
+            if other == service {
+                issued.unwrap_or_else(|e| panic!("{service} must get its certificate: {e}"));
+            } else {
+                let error = issued.expect_err("another identity").to_string();
+                assert!(error.contains("HTTP 403"), "{service} as {other}: {error}");
+                let forged = bao
+                    .api_as(
+                        &token,
+                        Method::POST,
+                        &format!("pki/issue/{service}"),
+                        Some(json!({ "uri_sans": format!("spiffe://engram/{other}") })),
+                    )
+                    .await
+                    .expect_err("a forged SAN");
+                assert!(
+                    forged.to_string().contains("HTTP 400"),
+                    "{service} asking for {other}'s SAN: {forged}"
+                );
+            }
+        }
     }
 }
 

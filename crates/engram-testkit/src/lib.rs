@@ -357,26 +357,16 @@ impl OpenBao {
     }
 }
 
-/// The PKI role of one service: its SPIFFE identity and nothing else, EC P-256, a day at most.
+/// The PKI role of one service, from `deploy/vault/pki-role.json` (the file the local stack
+/// and operators use): its SPIFFE identity and nothing else, EC P-256, a day at most.
+///
+/// # Panics
+///
+/// When the committed role file is missing or not JSON: a broken checkout.
 pub fn pki_role(service: &str) -> Value {
-    serde_json::json!({
-        "allowed_uri_sans": format!("spiffe://engram/{service}"),
-        "allowed_domains": "",
-        "allow_any_name": false,
-        "allow_bare_domains": false,
-        "allow_subdomains": false,
-        "allow_localhost": false,
-        "allow_ip_sans": false,
-        "enforce_hostnames": false,
-        "require_cn": false,
-        "server_flag": true,
-        "client_flag": true,
-        "key_type": "ec",
-        "key_bits": 256,
-        "max_ttl": "24h",
-        "ttl": "24h",
-        "no_store": true,
-    })
+    let text = std::fs::read_to_string(repo_root().join("deploy/vault/pki-role.json"))
+        .expect("deploy/vault/pki-role.json");
+    serde_json::from_str(&text.replace("SERVICE", service)).expect("pki-role.json is JSON")
 }
 
 fn rand_u64() -> u64 {

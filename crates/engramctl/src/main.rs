@@ -6,6 +6,7 @@
 //! values read from a file or standard input.
 
 mod chat;
+mod grpc;
 mod rotate;
 mod timeline;
 
@@ -92,13 +93,15 @@ enum Command {
 enum AuditCommand {
     /// Print the newest records from the running audit sink (and follow new ones).
     Tail {
-        /// The audit sink's gRPC URL.
+        /// The audit sink's gRPC URL (https: mutual TLS as engramctl).
         #[arg(
             long,
             env = "ENGRAM_AUDIT_ADDR",
-            default_value = "http://127.0.0.1:50054"
+            default_value = "https://127.0.0.1:50054"
         )]
         addr: String,
+        #[command(flatten)]
+        tls: grpc::TlsArgs,
         /// How many records.
         #[arg(short = 'n', long, default_value_t = 20)]
         count: u32,
@@ -108,13 +111,15 @@ enum AuditCommand {
     },
     /// Export the records of a time window from the running audit sink, as JSON lines or CSV.
     Export {
-        /// The audit sink's gRPC URL.
+        /// The audit sink's gRPC URL (https: mutual TLS as engramctl).
         #[arg(
             long,
             env = "ENGRAM_AUDIT_ADDR",
-            default_value = "http://127.0.0.1:50054"
+            default_value = "https://127.0.0.1:50054"
         )]
         addr: String,
+        #[command(flatten)]
+        tls: grpc::TlsArgs,
         /// From this time (RFC 3339, or a date for its midnight UTC), inclusive.
         #[arg(long)]
         since: Option<String>,
@@ -332,8 +337,13 @@ fn run_async(work: impl Future<Output = Result<(), Failure>>) -> ExitCode {
     }
 }
 
-async fn audit_tail(addr: &str, count: u32, follow: bool) -> Result<(), Failure> {
-    let mut client = timeline::connect(addr).await.map_err(Failure::refused)?;
+async fn audit_tail(
+    addr: &str,
+    tls: &grpc::TlsArgs,
+    count: u32,
+    follow: bool,
+) -> Result<(), Failure> {
+    let mut client = timeline::connect(addr, tls).map_err(Failure::usage)?;
     let records = timeline::newest(&mut client, count)
         .await
         .map_err(Failure::refused)?;
@@ -370,6 +380,7 @@ async fn audit_tail(addr: &str, count: u32, follow: bool) -> Result<(), Failure>
 
 async fn audit_export(
     addr: &str,
+    tls: &grpc::TlsArgs,
     since: Option<&str>,
     until: Option<&str>,
     format: timeline::Format,
@@ -387,7 +398,7 @@ async fn audit_export(
     {
         return Err(Failure::usage("--until must be after --since"));
     }
-    let mut client = timeline::connect(addr).await.map_err(Failure::refused)?;
+    let mut client = timeline::connect(addr, tls).map_err(Failure::usage)?;
     let records = timeline::window(&mut client, since, until)
         .await
         .map_err(Failure::refused)?;
@@ -435,20 +446,23 @@ fn main() -> ExitCode {
             command:
                 AuditCommand::Tail {
                     addr,
+                    tls,
                     count,
                     follow,
                 },
-        } => run_async(audit_tail(&addr, count, follow)),
+        } => run_async(audit_tail(&addr, &tls, count, follow)),
         Command::Audit {
             command:
                 AuditCommand::Export {
                     addr,
+                    tls,
                     since,
                     until,
                     format,
                 },
         } => run_async(audit_export(
             &addr,
+            &tls,
             since.as_deref(),
             until.as_deref(),
             format,

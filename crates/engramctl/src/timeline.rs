@@ -21,20 +21,13 @@ pub enum Format {
     Csv,
 }
 
-/// Connects to the audit sink.
+/// A client of the audit sink at `addr` (mutual TLS for `https://`).
 ///
 /// # Errors
 ///
-/// When the address is unusable or the sink cannot be reached.
-pub async fn connect(addr: &str) -> Result<AuditSinkClient<Channel>, String> {
-    let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
-        .map_err(|e| format!("bad audit sink address {addr}: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach the audit sink at {addr}: {e}"))?;
-    Ok(AuditSinkClient::new(channel))
+/// When the address or the operator's certificate is unusable.
+pub fn connect(addr: &str, tls: &crate::grpc::TlsArgs) -> Result<AuditSinkClient<Channel>, String> {
+    crate::grpc::channel(addr, "audit-sink", tls).map(AuditSinkClient::new)
 }
 
 /// Parses `2026-12-03T10:00:00Z` (RFC 3339) or a date `2026-12-03` (its midnight UTC).
@@ -179,7 +172,10 @@ async fn page(
     let mut stream = client
         .query(request)
         .await
-        .map_err(|s| format!("the audit sink refused the query: {}", s.message()))?
+        .map_err(|s| match s.code() {
+            tonic::Code::Unavailable => format!("cannot reach the audit sink: {}", s.message()),
+            _ => format!("the audit sink refused the query: {}", s.message()),
+        })?
         .into_inner();
     let mut records = Vec::new();
     while let Some(record) = stream

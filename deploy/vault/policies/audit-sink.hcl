@@ -10,3 +10,9 @@ path "secret/data/engram/audit" {
 path "secret/metadata/engram/audit" {
   capabilities = ["read"]
 }
+
+# Its mutual-TLS certificate: the PKI role of the same name only allows the URI SAN
+# spiffe://engram/audit-sink, so the service cannot obtain another identity.
+path "pki/issue/audit-sink" {
+  capabilities = ["update"]
+}

@@ -10,3 +10,9 @@ path "secret/data/engram/exchange" {
 path "secret/metadata/engram/exchange" {
   capabilities = ["read"]
 }
+
+# Its mutual-TLS certificate: the PKI role of the same name only allows the URI SAN
+# spiffe://engram/exchange-signer, so the service cannot obtain another identity.
+path "pki/issue/exchange-signer" {
+  capabilities = ["update"]
+}

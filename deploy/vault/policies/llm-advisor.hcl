@@ -10,3 +10,9 @@ path "secret/data/engram/llm" {
 path "secret/metadata/engram/llm" {
   capabilities = ["read"]
 }
+
+# Its mutual-TLS certificate: the PKI role of the same name only allows the URI SAN
+# spiffe://engram/llm-advisor, so the service cannot obtain another identity.
+path "pki/issue/llm-advisor" {
+  capabilities = ["update"]
+}

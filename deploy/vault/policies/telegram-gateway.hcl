@@ -10,3 +10,9 @@ path "secret/data/engram/telegram" {
 path "secret/metadata/engram/telegram" {
   capabilities = ["read"]
 }
+
+# Its mutual-TLS certificate: the PKI role of the same name only allows the URI SAN
+# spiffe://engram/telegram-gateway, so the service cannot obtain another identity.
+path "pki/issue/telegram-gateway" {
+  capabilities = ["update"]
+}
