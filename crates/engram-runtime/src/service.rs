@@ -600,6 +600,7 @@ impl Application {
             shutdown.clone(),
         ));
         tasks.spawn(record_started(spec, context.clone(), background.clone()));
+        tasks.spawn(record_rotations(spec, context.clone(), background.clone()));
 
         let admin_stop = CancellationToken::new();
         let admin_router = admin::router(AdminState {
@@ -744,6 +745,61 @@ async fn record_started(spec: ServiceSpec, context: ServiceContext, stop: Cancel
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Records `SECRET_ROTATED` (the path and the versions, never a value) each time a new
+/// version of the service's secret replaces the one in use. The first load is not a rotation
+/// (`SERVICE_STARTED` names that version). Retries briefly when the sink is away; a rotation
+/// that still cannot be recorded is a `security` log event.
+async fn record_rotations(spec: ServiceSpec, context: ServiceContext, stop: CancellationToken) {
+    let mut updates = context.secrets.subscribe();
+    let mut in_use = context.secrets.current().map(|bundle| bundle.version());
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = updates.changed() => if changed.is_err() { return },
+        }
+        let Some(version) = context.secrets.current().map(|bundle| bundle.version()) else {
+            continue;
+        };
+        let previous = in_use.replace(version);
+        let Some(previous) = previous.filter(|p| *p != version) else {
+            continue;
+        };
+        let Some(recorder) = context.audit() else {
+            continue;
+        };
+        #[allow(clippy::cast_precision_loss)]
+        let rotated = event(
+            spec.name,
+            AuditCategory::Security,
+            "SECRET_ROTATED",
+            &[
+                ("secret_path", text(context.secrets.path())),
+                ("from_version", number(previous as f64)),
+                ("to_version", number(version as f64)),
+            ],
+        );
+        let mut recorded = false;
+        for attempt in 0..5u32 {
+            if recorder.record(rotated.clone()).await.is_ok() {
+                recorded = true;
+                break;
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(attempt)) => {}
+            }
+        }
+        if !recorded {
+            tracing::warn!(
+                target: "security",
+                path = context.secrets.path(),
+                version,
+                "could not record SECRET_ROTATED in the audit trail"
+            );
+        }
     }
 }
 

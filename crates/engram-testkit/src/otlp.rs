@@ -25,6 +25,8 @@ pub struct ReceivedSpan {
     pub span_id: String,
     /// Hex parent span id (empty for a root).
     pub parent_span_id: String,
+    /// The span's attributes, values as text.
+    pub attributes: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Default)]
@@ -59,6 +61,18 @@ impl TraceService for Collector {
                         trace_id: hex(&span.trace_id),
                         span_id: hex(&span.span_id),
                         parent_span_id: hex(&span.parent_span_id),
+                        attributes: span
+                            .attributes
+                            .iter()
+                            .map(|kv| {
+                                let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                    Some(AnyValue::StringValue(s)) => s.clone(),
+                                    Some(other) => format!("{other:?}"),
+                                    None => String::new(),
+                                };
+                                (kv.key.clone(), value)
+                            })
+                            .collect(),
                     });
                 }
             }

@@ -147,6 +147,7 @@ impl ExchangeClient {
     /// # Errors
     ///
     /// See [`ExchangeError`].
+    #[tracing::instrument(name = "exchange.request", skip_all, fields(otel.kind = "client", http.method = "GET", url.path = path))]
     pub async fn public(&self, path: &str, query: Query) -> Result<Value, ExchangeError> {
         self.pace().await?;
         let response = self
@@ -255,6 +256,7 @@ impl ExchangeClient {
         }
     }
 
+    #[tracing::instrument(name = "exchange.request", skip_all, fields(otel.kind = "client", http.method = %method, url.path = path))]
     async fn signed_once(
         &self,
         method: reqwest::Method,

@@ -675,7 +675,9 @@ impl ExchangeSigner for ExchangeSignerService {
         }
         let price = self.last_price(&intent.symbol).await?;
         let usage = lock(&s.counters).usage();
-        let notional = match s.policy.load().check(&intent, price, usage) {
+        let verdict = tracing::info_span!("policy.check", symbol = %intent.symbol)
+            .in_scope(|| s.policy.load().check(&intent, price, usage));
+        let notional = match verdict {
             Ok(notional) => notional,
             Err(violation) => {
                 s.metrics

@@ -141,6 +141,7 @@ impl LlmClient {
     /// # Errors
     ///
     /// [`LlmError`].
+    #[tracing::instrument(name = "llm.request", skip_all, fields(otel.kind = "client"))]
     pub async fn complete(
         &self,
         key: Option<&SecretString>,
