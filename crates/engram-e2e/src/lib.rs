@@ -67,6 +67,8 @@ pub struct Options {
     pub otlp_endpoint: Option<String>,
     /// Extra settings for the signer (policy caps for load).
     pub signer: Vec<(&'static str, String)>,
+    /// Extra settings for the audit sink.
+    pub audit: Vec<(&'static str, String)>,
 }
 
 /// The running stack.
@@ -191,6 +193,7 @@ impl Stack {
         let mut env = common(service_token(&bao, "audit-sink").await?);
         env.push(("ENGRAM_AUDIT_DIR", audit_dir.path().display().to_string()));
         env.push(("ENGRAM_ALERT_ADDR", gateway_url.clone()));
+        env.extend(options.audit.iter().cloned());
         let audit =
             ServiceProcess::spawn(binary("audit-sink")?.to_str().context("path")?, &env).await?;
         let audit_url = format!("https://{}", audit.grpc_addr);
