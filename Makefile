@@ -16,7 +16,7 @@ STACK := scripts/stack.sh
 # Steps `make test` runs in order after `setup`; add new suites here (e.g. policy or chart checks).
 TEST_STEPS := lint test-rust
 
-.PHONY: help setup build test test-rust lint fmt up down status logs verify-audit bench-audit bench-sign bench-signer bench-advisor bench-gateway demo clean clean-all
+.PHONY: help setup build test test-rust lint fmt up down status logs verify-audit doctor bench-audit bench-sign bench-signer bench-advisor bench-gateway demo clean clean-all
 
 ## help: list the targets
 help:
@@ -114,6 +114,11 @@ status:
 ## verify-audit: verify the local audit trail (.engram/audit) offline with engramctl
 verify-audit:
 	$(STACK) verify
+
+## doctor: the compliance checklist (engramctl doctor) against the running local stack
+doctor:
+	$(CARGO) build --quiet -p engramctl
+	target/debug/engramctl doctor
 
 ## logs: follow the local stack's logs
 logs:

@@ -147,7 +147,10 @@ impl Stack {
             json!({ "api_key": EXCHANGE_KEY, "api_secret": EXCHANGE_SECRET }),
         )
         .await?;
-        bao.put_custom_metadata("engram/exchange", json!({ "created": "2026-11-20" }))
+        // Created two weeks ago: young enough for `engramctl doctor` whenever the test runs.
+        let created = std::time::SystemTime::now() - Duration::from_secs(14 * 86_400);
+        let created = humantime::format_rfc3339(created).to_string();
+        bao.put_custom_metadata("engram/exchange", json!({ "created": &created[..10] }))
             .await?;
         bao.put_secret("engram/llm", json!({ "provider": "double" }))
             .await?;

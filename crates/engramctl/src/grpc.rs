@@ -8,6 +8,8 @@ use std::time::Duration;
 use engram_runtime::tls::{Material, MutualTls, Transport};
 use tonic::transport::{Channel, Endpoint};
 
+pub use engram_runtime::authz::OPERATOR;
+
 /// The operator's certificate files (`make up` writes them to `.engram/pki/`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct TlsArgs {
@@ -54,7 +56,7 @@ pub fn channel(addr: &str, peer: &str, tls: &TlsArgs) -> Result<Channel, String>
             &read(&tls.cert, "certificate")?,
             &read(&tls.key, "private key")?,
             &read(&tls.ca, "CA certificate")?,
-            engram_runtime::authz::OPERATOR,
+            OPERATOR,
         )
         .map_err(|e| format!("the operator's certificate cannot be used: {e}"))?;
         Transport::Mutual(MutualTls::fixed(&material).map_err(|e| e.to_string())?)

@@ -6,9 +6,12 @@
 //! values read from a file or standard input.
 
 mod chat;
+mod doctor;
 mod grpc;
+mod incident;
 mod rotate;
 mod timeline;
+mod vault;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -54,19 +57,82 @@ enum Command {
         /// audit only: generate a new 256-bit key instead of reading one.
         #[arg(long, conflicts_with = "from")]
         generate: bool,
-        /// Vault's address.
+        #[command(flatten)]
+        vault: vault::VaultArgs,
+    },
+    /// The compliance checklist as checks: a PASS/WARN/FAIL table, exit 1 when any fails.
+    Doctor {
+        #[command(flatten)]
+        vault: vault::VaultArgs,
+        /// The signer's gRPC URL (for the exchange key's restrictions).
         #[arg(
             long,
-            env = "ENGRAM_VAULT_ADDR",
-            default_value = "http://127.0.0.1:8200"
+            env = "ENGRAM_SIGNER_ADDR",
+            default_value = "https://127.0.0.1:50052"
         )]
-        vault_addr: String,
-        /// The KV v2 mount.
-        #[arg(long, env = "ENGRAM_VAULT_KV_MOUNT", default_value = "secret")]
-        kv_mount: String,
-        /// A file holding the Vault token (else VAULT_TOKEN, else .engram/vault-token).
-        #[arg(long, env = "ENGRAM_VAULT_TOKEN_FILE", value_name = "FILE")]
-        token_file: Option<PathBuf>,
+        signer_addr: String,
+        /// The audit sink's gRPC URL (for the chain).
+        #[arg(
+            long,
+            env = "ENGRAM_AUDIT_ADDR",
+            default_value = "https://127.0.0.1:50054"
+        )]
+        audit_addr: String,
+        /// The services' admin URLs, comma-separated (for certificate expiry).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "http://127.0.0.1:9101,http://127.0.0.1:9102,http://127.0.0.1:9103,http://127.0.0.1:9104"
+        )]
+        admin: Vec<String>,
+        #[command(flatten)]
+        tls: grpc::TlsArgs,
+        /// The checkout the git and secret-scan checks look at.
+        #[arg(long, default_value = ".")]
+        repo: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Incident response: halt trading, export the audit timeline, revoke the services'
+    /// Vault credentials, and print what is left to do. Exit 1 when a step failed.
+    Incident {
+        /// Why (at most 200 characters; shown in the signer's status and the alert).
+        #[arg(long)]
+        reason: String,
+        /// Export from this time (RFC 3339 or a date), or this long ago (e.g. 24h, 7d).
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Export until this time.
+        #[arg(long)]
+        until: Option<String>,
+        /// `json` (one object per line) or `csv`.
+        #[arg(long, value_enum, default_value = "json")]
+        format: timeline::Format,
+        /// The export file (created, never overwritten; mode 600).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Vault auth mounts whose logins are revoked (approle, kubernetes, token).
+        #[arg(long, value_delimiter = ',', default_value = "approle,kubernetes")]
+        revoke: Vec<String>,
+        /// The signer's gRPC URL.
+        #[arg(
+            long,
+            env = "ENGRAM_SIGNER_ADDR",
+            default_value = "https://127.0.0.1:50052"
+        )]
+        signer_addr: String,
+        /// The audit sink's gRPC URL.
+        #[arg(
+            long,
+            env = "ENGRAM_AUDIT_ADDR",
+            default_value = "https://127.0.0.1:50054"
+        )]
+        audit_addr: String,
+        #[command(flatten)]
+        tls: grpc::TlsArgs,
+        #[command(flatten)]
+        vault: vault::VaultArgs,
     },
     /// Talk to the bot from this terminal, through the local Telegram Bot API double.
     Chat {
@@ -244,7 +310,7 @@ fn rotate_secret(
     target: rotate::Target,
     from: Option<&Path>,
     generate: bool,
-    access: Result<rotate::VaultAccess, String>,
+    access: Result<vault::VaultAccess, String>,
 ) -> ExitCode {
     let fail = |message: String, code: u8| {
         eprintln!("engramctl: {message}");
@@ -415,6 +481,96 @@ async fn audit_export(
     Ok(())
 }
 
+async fn doctor(
+    access: Result<vault::VaultAccess, String>,
+    targets: doctor::Targets,
+    repo: PathBuf,
+    json: bool,
+) -> Result<(), Failure> {
+    let access = access.map_err(Failure::usage)?;
+    let checks = doctor::run(&access, &targets, &repo)
+        .await
+        .map_err(Failure::usage)?;
+    if json {
+        println!("{}", doctor::to_json(&checks));
+    } else {
+        print!("{}", doctor::table(&checks));
+    }
+    if checks.iter().any(|c| c.status == doctor::Status::Fail) {
+        return Err(Failure::refused("not compliant: see the failed checks"));
+    }
+    Ok(())
+}
+
+/// `--since`: a time, or a duration meaning that long ago.
+fn since_arg(text: &str) -> Result<std::time::SystemTime, String> {
+    match humantime::parse_duration(text) {
+        Ok(ago) => std::time::SystemTime::now()
+            .checked_sub(ago)
+            .ok_or_else(|| format!("--since {text} is before the epoch")),
+        Err(_) => timeline::parse_time(text),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn incident(
+    reason: String,
+    since: &str,
+    until: Option<&str>,
+    format: timeline::Format,
+    out: Option<PathBuf>,
+    revoke: Vec<String>,
+    addrs: (String, String),
+    tls: grpc::TlsArgs,
+    access: Result<vault::VaultAccess, String>,
+) -> Result<(), Failure> {
+    let reason = reason.trim().to_owned();
+    if reason.is_empty() || reason.chars().count() > 200 {
+        return Err(Failure::usage("--reason must be 1 to 200 characters"));
+    }
+    if let Some(bad) = revoke
+        .iter()
+        .find(|m| !["approle", "kubernetes", "token"].contains(&m.as_str()))
+    {
+        return Err(Failure::usage(format!(
+            "--revoke {bad}: expected approle, kubernetes or token"
+        )));
+    }
+    let since = since_arg(since).map_err(Failure::usage)?;
+    let until = until
+        .map(timeline::parse_time)
+        .transpose()
+        .map_err(Failure::usage)?;
+    if until.is_some_and(|until| until <= since) {
+        return Err(Failure::usage("--until must be after --since"));
+    }
+    let plan = incident::Plan {
+        reason,
+        signer: addrs.0,
+        audit: addrs.1,
+        tls,
+        since,
+        until,
+        format,
+        out: out.unwrap_or_else(|| incident::default_out(format)),
+        revoke,
+    };
+    let steps = incident::run(&plan, access).await;
+    for (step, ok, what) in &steps {
+        println!("[{}] {step}: {what}", if *ok { "done" } else { "FAILED" });
+    }
+    println!("\nStill to do:");
+    for item in incident::CHECKLIST {
+        println!("- [ ] {item}");
+    }
+    if steps.iter().any(|(_, ok, _)| !ok) {
+        return Err(Failure::refused(
+            "a step failed: see above, and do it by hand",
+        ));
+    }
+    Ok(())
+}
+
 fn chat(settings: chat::ChatSettings) -> ExitCode {
     // reqwest is built without a default TLS provider (see TOOLS.md).
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -471,15 +627,49 @@ fn main() -> ExitCode {
             target,
             from,
             generate,
-            vault_addr,
-            kv_mount,
-            token_file,
-        } => rotate_secret(
-            target,
-            from.as_deref(),
-            generate,
-            rotate::VaultAccess::from_env(vault_addr, kv_mount, token_file),
-        ),
+            vault,
+        } => rotate_secret(target, from.as_deref(), generate, vault.access()),
+        Command::Doctor {
+            vault,
+            signer_addr,
+            audit_addr,
+            admin,
+            tls,
+            repo,
+            json,
+        } => run_async(doctor(
+            vault.access(),
+            doctor::Targets {
+                signer: signer_addr,
+                audit: audit_addr,
+                admin,
+                tls,
+            },
+            repo,
+            json,
+        )),
+        Command::Incident {
+            reason,
+            since,
+            until,
+            format,
+            out,
+            revoke,
+            signer_addr,
+            audit_addr,
+            tls,
+            vault,
+        } => run_async(incident(
+            reason,
+            &since,
+            until.as_deref(),
+            format,
+            out,
+            revoke,
+            (signer_addr, audit_addr),
+            tls,
+            vault.access(),
+        )),
         Command::Chat {
             url,
             user,

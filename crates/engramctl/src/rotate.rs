@@ -7,10 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{Map, Value, json};
 use zeroize::Zeroizing;
+
+use crate::vault::VaultAccess;
 
 /// Which secret to rotate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -40,59 +42,6 @@ impl Target {
             Self::Telegram => &["bot_token", "webhook_secret"],
             Self::Audit => &["hmac_key"],
         }
-    }
-}
-
-/// Where Vault is and how to log in (the token from a file or the environment, never argv).
-#[derive(Debug, Clone)]
-pub struct VaultAccess {
-    /// `http(s)://host:port`.
-    pub addr: String,
-    /// The KV v2 mount.
-    pub mount: String,
-    /// The token.
-    pub token: Zeroizing<String>,
-}
-
-impl VaultAccess {
-    /// From `--vault-addr`/`ENGRAM_VAULT_ADDR`, and the token from `ENGRAM_VAULT_TOKEN_FILE`,
-    /// `VAULT_TOKEN`, or the local stack's `.engram/vault-token`.
-    ///
-    /// # Errors
-    ///
-    /// When no token can be found.
-    pub fn from_env(
-        addr: String,
-        mount: String,
-        token_file: Option<PathBuf>,
-    ) -> Result<Self, String> {
-        let token = match token_file {
-            Some(file) => Zeroizing::new(
-                std::fs::read_to_string(&file)
-                    .map_err(|e| format!("cannot read the Vault token file {}: {e}", file.display()))?
-                    .trim()
-                    .to_owned(),
-            ),
-            None => match std::env::var("VAULT_TOKEN") {
-                Ok(token) => Zeroizing::new(token.trim().to_owned()),
-                Err(_) => Zeroizing::new(
-                    std::fs::read_to_string(".engram/vault-token")
-                        .map_err(|_| {
-                            "no Vault token: set ENGRAM_VAULT_TOKEN_FILE or VAULT_TOKEN (or run from the repo with the local stack up)".to_owned()
-                        })?
-                        .trim()
-                        .to_owned(),
-                ),
-            },
-        };
-        if token.is_empty() {
-            return Err("the Vault token is empty".to_owned());
-        }
-        Ok(Self {
-            addr: addr.trim_end_matches('/').to_owned(),
-            mount,
-            token,
-        })
     }
 }
 
@@ -203,32 +152,14 @@ async fn vault(
     path: &str,
     body: Option<Value>,
 ) -> Result<Value, String> {
-    let mut request = http
-        .request(
-            method,
-            format!("{}/v1/{}/{path}", access.addr, access.mount),
-        )
-        .header("X-Vault-Token", access.token.as_str());
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request
-        .send()
-        .await
-        .map_err(|e| format!("Vault at {} is unreachable: {e}", access.addr))?;
-    let status = response.status();
-    if status.as_u16() == 404 {
-        return Ok(Value::Null);
-    }
-    let body: Value = response.json().await.unwrap_or(Value::Null);
-    if !status.is_success() {
-        // Vault's error list names the problem; it never echoes the data written.
-        return Err(format!(
-            "Vault answered {status} for {path}: {}",
-            body["errors"]
-        ));
-    }
-    Ok(body)
+    crate::vault::call(
+        http,
+        access,
+        method,
+        &format!("{}/{path}", access.mount),
+        body,
+    )
+    .await
 }
 
 /// What a rotation did.
@@ -255,11 +186,7 @@ pub async fn rotate(
     target: Target,
     values: &BTreeMap<String, Zeroizing<String>>,
 ) -> Result<Rotated, String> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(10))
-        .build()
-        .map_err(|e| e.to_string())?;
+    let http = crate::vault::http_client()?;
     let path = target.path();
     let current = vault(
         &http,

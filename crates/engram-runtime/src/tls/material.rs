@@ -470,7 +470,7 @@ mod tests {
 
     #[test]
     fn garbage_pem_is_a_clear_error_without_key_bytes() {
-        let key = b"-----BEGIN PRIVATE KEY-----\nnot-base64!!\n-----END PRIVATE KEY-----\n";
+        let key = b"-----BEGIN PRIVATE KEY-----\nnot-base64!!\n-----END PRIVATE KEY-----\n"; // pragma: allowlist secret
         let error = Material::from_pem(b"junk", key, b"junk", "audit-sink").unwrap_err();
         assert!(error.to_string().starts_with("certificate:"), "{error}");
         assert!(!error.to_string().contains("not-base64"));
