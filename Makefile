@@ -16,7 +16,7 @@ STACK := scripts/stack.sh
 # Steps `make test` runs in order after `setup`; add new suites here (e.g. policy or chart checks).
 TEST_STEPS := lint test-rust
 
-.PHONY: help setup build test test-rust lint fmt up down status logs verify-audit doctor bench-audit bench-sign bench-signer bench-advisor bench-gateway demo clean clean-all
+.PHONY: help setup build test test-rust lint fmt up down status logs verify-audit doctor bench-audit bench-sign bench-signer bench-advisor bench-gateway bench-stack demo clean clean-all
 
 ## help: list the targets
 help:
@@ -94,6 +94,11 @@ bench-advisor:
 bench-gateway:
 	$(CARGO) build --release -p telegram-gateway -p exchange-signer -p audit-sink -p engram-doubles -p engram-bench
 	target/release/gateway-bench
+
+## bench-stack: a confirmed order through all four services on mutual TLS: latency and each service's memory (release)
+bench-stack: setup
+	$(CARGO) build --release -p telegram-gateway -p exchange-signer -p llm-advisor -p audit-sink -p engram-bench
+	target/release/stack-bench
 
 ## fmt: format the Rust code
 fmt:

@@ -259,6 +259,21 @@ impl TelegramDouble {
         })
     }
 
+    /// Waits (up to `timeout`) until the bot has done something after action number
+    /// `after`, and returns what it did; empty when the time ran out. Woken by the action
+    /// itself, so a benchmark measures the bot and not a polling interval.
+    pub async fn wait_actions_after(&self, after: u64, timeout: Duration) -> Vec<BotAction> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            let actions = self.actions_after(after);
+            if !actions.is_empty() || tokio::time::Instant::now() >= deadline {
+                return actions;
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+    }
+
     /// The number of the newest action so far.
     pub fn last_seq(&self) -> u64 {
         self.shared()

@@ -38,26 +38,26 @@ pub const EXCHANGE_SECRET: &str = "e2e-canary-exchange-secret-1";
 /// The first audit key (a canary).
 pub const AUDIT_KEY: &str = "e2e-canary-audit-key-1";
 
-/// A service binary of this workspace, built next to the test binary (`cargo test
-/// --workspace` builds them all).
+/// A service binary of this workspace, built next to the running executable: beside it (a
+/// benchmark in `target/release/`) or one folder up (a test in `target/debug/deps/`; `cargo
+/// test --workspace` builds them all).
 ///
 /// # Errors
 ///
 /// When it has not been built.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .context("test binary has no target directory")?;
-    let path = dir.join(name);
-    if !path.is_file() {
-        bail!(
-            "{} is missing: run `cargo build --workspace` (make test does)",
-            path.display()
-        );
+    let here = exe.parent().context("the executable has no folder")?;
+    for dir in [Some(here), here.parent()].into_iter().flatten() {
+        let path = dir.join(name);
+        if path.is_file() {
+            return Ok(path);
+        }
     }
-    Ok(path)
+    bail!(
+        "{name} is missing beside {}: run `cargo build --workspace` (make test does)",
+        exe.display()
+    );
 }
 
 /// How to run the stack.
@@ -69,6 +69,8 @@ pub struct Options {
     pub signer: Vec<(&'static str, String)>,
     /// Extra settings for the audit sink.
     pub audit: Vec<(&'static str, String)>,
+    /// Extra settings for the gateway (they override the stack's own).
+    pub gateway: Vec<(&'static str, String)>,
 }
 
 /// The running stack.
@@ -245,6 +247,7 @@ impl Stack {
             ("ENGRAM_GATEWAY_USER_COMMANDS", "100".to_owned()),
             ("ENGRAM_GATEWAY_GLOBAL_COMMANDS", "1000".to_owned()),
         ]);
+        env.extend(options.gateway.iter().cloned());
         let gateway =
             ServiceProcess::spawn(binary("telegram-gateway")?.to_str().context("path")?, &env)
                 .await?;
