@@ -190,7 +190,37 @@ async fn every_identity_against_every_method() {
             &["side=\"server\"", "reason=\"refused\""],
         );
         assert!(refused >= Some(2.0), "{metrics}");
+        // The matrix's refusals are counted per method, as PermissionDenied.
+        let denied = metric_value(
+            &metrics,
+            "engram_grpc_server_requests_total",
+            &["code=\"PermissionDenied\""],
+        );
+        assert!(denied >= Some(1.0), "{metrics}");
     }
+    // The signer served the gateway's GetStatus: counted OK, with a latency.
+    let (_, metrics) = http_get(stack.signer.admin_addr, "/metrics")
+        .await
+        .expect("metrics");
+    assert!(
+        metric_value(
+            &metrics,
+            "engram_grpc_server_requests_total",
+            &[
+                "method=\"/engram.v1.ExchangeSigner/GetStatus\"",
+                "code=\"OK\""
+            ],
+        ) >= Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        metric_value(
+            &metrics,
+            "engram_grpc_server_seconds_count",
+            &["method=\"/engram.v1.ExchangeSigner/GetStatus\""],
+        ) >= Some(1.0),
+        "{metrics}"
+    );
 
     // Each denial is in the trail as a security event, naming who tried what.
     let gateway = stack

@@ -204,7 +204,8 @@ impl Authorizer {
     }
 }
 
-fn is_known_method(path: &str) -> bool {
+/// Whether `path` is a method of the table or of the health service.
+pub(crate) fn is_known_method(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/") || allowed_pairs().iter().any(|(_, p)| p == path)
 }
 

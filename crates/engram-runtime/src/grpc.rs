@@ -20,6 +20,7 @@ use tonic_health::server::HealthReporter;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::authz::{Authorizer, authorize};
+use crate::grpc_metrics::{GrpcMetrics, observe};
 use crate::tls::{MutualTls, tls_incoming};
 
 /// How a server admits callers.
@@ -44,6 +45,7 @@ pub struct GrpcServer {
     health: HealthReporter,
     health_service:
         tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    metrics: Option<GrpcMetrics>,
 }
 
 impl std::fmt::Debug for GrpcServer {
@@ -74,9 +76,17 @@ impl GrpcServer {
             service_name,
             health,
             health_service,
+            metrics: None,
         };
         server.set_serving(false).await;
         Ok(server)
+    }
+
+    /// Counts and times every call with `metrics` (the services do; bare test servers not).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: GrpcMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The bound address.
@@ -113,8 +123,22 @@ impl GrpcServer {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
         let routes = routes.add_service(self.health_service);
+        let metrics = self.metrics;
+        // The metrics layer goes on last, so it is outermost and sees refusals too.
+        let observed = |router: axum::Router| match &metrics {
+            Some(metrics) => router.layer(axum::middleware::from_fn_with_state(
+                metrics.clone(),
+                observe,
+            )),
+            None => router,
+        };
         match security {
             ServerSecurity::Open => {
+                let routes = if metrics.is_some() {
+                    Routes::from(observed(routes.prepare().into_axum_router()))
+                } else {
+                    routes
+                };
                 Self::server_builder()
                     .add_routes(routes)
                     // Without TCP_NODELAY, Nagle holds a response's last small frame until the
@@ -131,7 +155,7 @@ impl GrpcServer {
                     .into_axum_router()
                     .layer(axum::middleware::from_fn_with_state(*authorizer, authorize));
                 Self::server_builder()
-                    .add_routes(Routes::from(guarded))
+                    .add_routes(Routes::from(observed(guarded)))
                     .serve_with_incoming_shutdown(tls_incoming(self.listener, tls), shutdown)
                     .await
             }

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod authz;
 pub mod config;
 pub mod grpc;
+pub mod grpc_metrics;
 pub mod secrets;
 pub mod service;
 pub mod telemetry;

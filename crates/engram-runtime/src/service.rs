@@ -484,7 +484,10 @@ impl Application {
                 what: "gRPC",
                 addr: config.grpc_addr,
                 source,
-            })?;
+            })?
+            .with_metrics(crate::grpc_metrics::GrpcMetrics::register(
+                metrics.registry(),
+            )?);
         let admin_listener = TcpListener::bind(config.admin_addr)
             .await
             .map_err(|source| BuildError::Bind {

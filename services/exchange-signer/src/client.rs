@@ -85,6 +85,8 @@ pub struct ExchangeClient {
     weight_used: AtomicU32,
     banned: AtomicBool,
     not_before: Mutex<Option<Instant>>,
+    /// `engram_exchange_responses_total{status}`, registered by the service.
+    responses: prometheus::IntCounterVec,
 }
 
 impl std::fmt::Debug for ExchangeClient {
@@ -121,6 +123,14 @@ impl ExchangeClient {
             .connect_timeout(settings.request_timeout)
             .build()
             .map_err(|e| ExchangeError::Transport(e.to_string()))?;
+        let responses = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "engram_exchange_responses_total",
+                "Answers to signed requests: 2xx, 4xx, 5xx, 429 (weight exhausted), 418 (IP banned), or none (no answer).",
+            ),
+            &["status"],
+        )
+        .map_err(|e| ExchangeError::Transport(e.to_string()))?;
         Ok(Arc::new(Self {
             http,
             settings,
@@ -129,7 +139,17 @@ impl ExchangeClient {
             weight_used: AtomicU32::new(0),
             banned: AtomicBool::new(false),
             not_before: Mutex::new(None),
+            responses,
         }))
+    }
+
+    /// The response counter, for the service's metrics registry.
+    pub fn response_metrics(&self) -> &prometheus::IntCounterVec {
+        &self.responses
+    }
+
+    fn count_response(&self, status: &str) {
+        self.responses.with_label_values(&[status]).inc();
     }
 
     /// Uses new credentials from the next request on; requests in flight finish with theirs.
@@ -285,6 +305,7 @@ impl ExchangeClient {
             .send()
             .await
             .map_err(|e| {
+                self.count_response("none");
                 if e.is_timeout() {
                     ExchangeError::Unknown(format!(
                         "no answer within {:?}",
@@ -313,6 +334,13 @@ impl ExchangeClient {
             self.weight_used.store(used, Ordering::Relaxed);
         }
         let status = response.status().as_u16();
+        self.count_response(match status {
+            418 => "418",
+            429 => "429",
+            200..=299 => "2xx",
+            500..=599 => "5xx",
+            _ => "4xx",
+        });
         let retry_after = response
             .headers()
             .get("Retry-After")

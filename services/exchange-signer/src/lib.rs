@@ -89,6 +89,10 @@ pub fn routes(context: &ServiceContext, config: SignerConfig) -> anyhow::Result<
         None,
     )?;
     let metrics = SignerMetrics::register(context.metrics.registry())?;
+    context
+        .metrics
+        .registry()
+        .register(Box::new(client.response_metrics().clone()))?;
     let signer = Arc::new(Signer::new(
         client.clone(),
         config.policy.clone(),

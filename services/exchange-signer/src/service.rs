@@ -107,6 +107,8 @@ pub struct SignerMetrics {
     halted: IntGauge,
     weight: IntGauge,
     clock_offset: IntGauge,
+    daily_notional: prometheus::Gauge,
+    daily_notional_cap: prometheus::Gauge,
 }
 
 impl SignerMetrics {
@@ -143,12 +145,22 @@ impl SignerMetrics {
                 "engram_exchange_clock_offset_ms",
                 "Exchange time minus local time, in milliseconds.",
             )?,
+            daily_notional: prometheus::Gauge::new(
+                "engram_signer_daily_notional",
+                "Notional of today's orders (UTC day, quote currency), as the daily cap counts it.",
+            )?,
+            daily_notional_cap: prometheus::Gauge::new(
+                "engram_signer_daily_notional_cap",
+                "The policy's max_daily_notional.",
+            )?,
         };
         registry.register(Box::new(metrics.orders.clone()))?;
         registry.register(Box::new(metrics.rejections.clone()))?;
         registry.register(Box::new(metrics.halted.clone()))?;
         registry.register(Box::new(metrics.weight.clone()))?;
         registry.register(Box::new(metrics.clock_offset.clone()))?;
+        registry.register(Box::new(metrics.daily_notional.clone()))?;
+        registry.register(Box::new(metrics.daily_notional_cap.clone()))?;
         Ok(metrics)
     }
 }
@@ -266,6 +278,7 @@ impl Signer {
             return;
         }
         self.policy.store(Arc::new(policy.clone()));
+        self.observe_caps();
         tracing::warn!(target: "security", ?policy, "trading policy reloaded");
         if let Err(status) = self
             .audit(
@@ -294,11 +307,28 @@ impl Signer {
         }
     }
 
+    /// Exports today's notional next to its cap (after every order and every rebuild).
+    pub fn observe_caps(&self) {
+        use rust_decimal::prelude::ToPrimitive;
+        let today = lock(&self.counters).usage().today_notional;
+        self.metrics
+            .daily_notional
+            .set(today.to_f64().unwrap_or(f64::MAX));
+        self.metrics.daily_notional_cap.set(
+            self.policy
+                .load()
+                .max_daily_notional
+                .to_f64()
+                .unwrap_or(f64::MAX),
+        );
+    }
+
     fn observe_client(&self) {
         self.metrics
             .weight
             .set(i64::from(self.client.weight_used()));
         self.metrics.clock_offset.set(self.client.clock_offset_ms());
+        self.observe_caps();
         if self.client.is_banned() && lock(&self.halted).is_none() {
             self.halt("the exchange banned this IP (HTTP 418)");
         }
@@ -337,6 +367,7 @@ impl Signer {
         let usage = fresh.usage();
         tracing::info!(today_notional = %usage.today_notional, open_orders = usage.open_orders, orders_last_minute = usage.orders_last_minute, "rebuilt the caps' counters from the exchange");
         *lock(&self.counters) = fresh;
+        self.observe_caps();
         Ok(())
     }
 

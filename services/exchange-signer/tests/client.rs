@@ -127,6 +127,9 @@ async fn a_429_sets_one_deadline_that_every_later_request_waits_for() {
         "waited {:?}",
         started.elapsed()
     );
+    let responses = client.response_metrics();
+    assert_eq!(responses.with_label_values(&["429"]).get(), 1);
+    assert_eq!(responses.with_label_values(&["2xx"]).get(), 1);
 }
 
 #[tokio::test]
@@ -143,6 +146,10 @@ async fn a_418_halts_the_client_without_further_requests() {
         Err(ExchangeError::Banned)
     );
     assert!(client.is_banned());
+    assert_eq!(
+        client.response_metrics().with_label_values(&["418"]).get(),
+        1
+    );
     // Even once the exchange would answer again, the client stays halted until an operator acts.
     double.set_knobs(Knobs::default());
     assert_eq!(
