@@ -131,6 +131,10 @@ impl ExchangeClient {
             &["status"],
         )
         .map_err(|e| ExchangeError::Transport(e.to_string()))?;
+        // Every status exists from the start at 0, so the first 418 or 429 is an increase.
+        for status in ["2xx", "4xx", "5xx", "429", "418", "none"] {
+            responses.with_label_values(&[status]);
+        }
         Ok(Arc::new(Self {
             http,
             settings,

@@ -114,7 +114,21 @@ impl Metrics {
                 &["method", "kind"],
             )?,
             latency,
-        })
+        }
+        .with_zero_series())
+    }
+
+    /// Creates the series whose labels are known in advance at 0, so the first refusal is an
+    /// increase Prometheus can see (a series born at 1 never moves `increase()`, and the
+    /// unauthorized-spike alert would miss the first burst after a start).
+    fn with_zero_series(self) -> Self {
+        for reason in ["chat", "user"] {
+            self.unauthorized.with_label_values(&[reason]);
+        }
+        for scope in ["user", "global"] {
+            self.rate_limited.with_label_values(&[scope]);
+        }
+        self
     }
 }
 
