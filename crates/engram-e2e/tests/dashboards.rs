@@ -180,21 +180,26 @@ fn check_dashboard(name: &str, dashboard: &Value) -> Vec<(String, String)> {
     queries
 }
 
-async fn workload(stack: &Stack) {
+/// Orders and advice: what feeds the histograms and rates.
+async fn trading(stack: &Stack) {
     for command in ["/buy BTCUSDT 0.001", "/sell BTCUSDT 0.001"] {
         let outcome = stack.trade(TRADER, command).await.expect("trade");
         assert!(outcome.contains("FILLED"), "{outcome}");
     }
+    stack.say(TRADER, "/advice BTCUSDT").await.expect("advice");
+}
+
+/// Everything else a panel reads, once.
+async fn incidents(stack: &Stack) {
     // Over the order notional cap: the policy refuses it (the panel shows by which rule).
     let refused = stack.trade(TRADER, "/buy BTCUSDT 50").await;
     assert!(!refused.unwrap_or_default().contains("FILLED"));
-    stack.say(TRADER, "/advice BTCUSDT").await.expect("advice");
     stack
         .say(engram_e2e::OUTSIDER, "/help")
         .await
         .expect("outsider");
-    // Limits are 8 commands a user for this test (the trader used 7): 4 of these are refused.
-    for _ in 0..12 {
+    // Limits are 16 commands a user for this test: 4 of these are refused.
+    for _ in 0..20 {
         stack.telegram.send_from(ADMIN, ADMIN, "/whoami");
     }
     // A rotation the advisor takes up.
@@ -220,17 +225,39 @@ async fn workload(stack: &Stack) {
         .expect_err("no certificate");
 }
 
+/// The workload in two rounds with a scrape between them: a series is born with its first
+/// event, so a rate needs a second event in a later scrape (the debug stack answers a whole
+/// round within one scrape interval).
+async fn workload(stack: &Stack, prometheus: &Prometheus) {
+    trading(stack).await;
+    incidents(stack).await;
+    poll_until(
+        "a scrape after the first round",
+        Duration::from_secs(30),
+        || async {
+            let seen = prometheus
+                .query("engram_llm_latency_seconds_count > 0")
+                .await
+                .ok()?;
+            (!seen.is_empty()).then_some(())
+        },
+    )
+    .await
+    .expect("scraped");
+    trading(stack).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_panel_returns_data_and_the_rules_fire_on_a_real_prometheus() {
     let stack = Stack::start(Options {
         signer: vec![("ENGRAM_POLICY_MAX_ORDER_NOTIONAL", "1000".to_owned())],
-        gateway: vec![("ENGRAM_GATEWAY_USER_COMMANDS", "8".to_owned())],
+        gateway: vec![("ENGRAM_GATEWAY_USER_COMMANDS", "16".to_owned())],
         ..Options::default()
     })
     .await
     .expect("stack");
     let prometheus = Prometheus::start(&stack).await;
-    workload(&stack).await;
+    workload(&stack, &prometheus).await;
 
     let mut queries = Vec::new();
     let folder = repo_root().join("deploy/grafana");

@@ -10,6 +10,25 @@ use tonic::transport::{Channel, Endpoint};
 
 pub use engram_runtime::authz::OPERATOR;
 
+/// The signer's and the audit sink's gRPC URLs (the local stack's by default).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServiceAddrs {
+    /// The signer's gRPC URL.
+    #[arg(
+        long = "signer-addr",
+        env = "ENGRAM_SIGNER_ADDR",
+        default_value = "https://127.0.0.1:50052"
+    )]
+    pub signer: String,
+    /// The audit sink's gRPC URL.
+    #[arg(
+        long = "audit-addr",
+        env = "ENGRAM_AUDIT_ADDR",
+        default_value = "https://127.0.0.1:50054"
+    )]
+    pub audit: String,
+}
+
 /// The operator's certificate files (`make up` writes them to `.engram/pki/`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct TlsArgs {

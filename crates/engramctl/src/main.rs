@@ -64,20 +64,9 @@ enum Command {
     Doctor {
         #[command(flatten)]
         vault: vault::VaultArgs,
-        /// The signer's gRPC URL (for the exchange key's restrictions).
-        #[arg(
-            long,
-            env = "ENGRAM_SIGNER_ADDR",
-            default_value = "https://127.0.0.1:50052"
-        )]
-        signer_addr: String,
-        /// The audit sink's gRPC URL (for the chain).
-        #[arg(
-            long,
-            env = "ENGRAM_AUDIT_ADDR",
-            default_value = "https://127.0.0.1:50054"
-        )]
-        audit_addr: String,
+        /// The signer (the exchange key's restrictions) and the sink (the chain).
+        #[command(flatten)]
+        addrs: grpc::ServiceAddrs,
         /// The services' admin URLs, comma-separated (for certificate expiry).
         #[arg(
             long,
@@ -115,20 +104,8 @@ enum Command {
         /// Vault auth mounts whose logins are revoked (approle, kubernetes, token).
         #[arg(long, value_delimiter = ',', default_value = "approle,kubernetes")]
         revoke: Vec<String>,
-        /// The signer's gRPC URL.
-        #[arg(
-            long,
-            env = "ENGRAM_SIGNER_ADDR",
-            default_value = "https://127.0.0.1:50052"
-        )]
-        signer_addr: String,
-        /// The audit sink's gRPC URL.
-        #[arg(
-            long,
-            env = "ENGRAM_AUDIT_ADDR",
-            default_value = "https://127.0.0.1:50054"
-        )]
-        audit_addr: String,
+        #[command(flatten)]
+        addrs: grpc::ServiceAddrs,
         #[command(flatten)]
         tls: grpc::TlsArgs,
         #[command(flatten)]
@@ -520,7 +497,7 @@ async fn incident(
     format: timeline::Format,
     out: Option<PathBuf>,
     revoke: Vec<String>,
-    addrs: (String, String),
+    addrs: grpc::ServiceAddrs,
     tls: grpc::TlsArgs,
     access: Result<vault::VaultAccess, String>,
 ) -> Result<(), Failure> {
@@ -546,8 +523,8 @@ async fn incident(
     }
     let plan = incident::Plan {
         reason,
-        signer: addrs.0,
-        audit: addrs.1,
+        signer: addrs.signer,
+        audit: addrs.audit,
         tls,
         since,
         until,
@@ -631,8 +608,7 @@ fn main() -> ExitCode {
         } => rotate_secret(target, from.as_deref(), generate, vault.access()),
         Command::Doctor {
             vault,
-            signer_addr,
-            audit_addr,
+            addrs,
             admin,
             tls,
             repo,
@@ -640,8 +616,8 @@ fn main() -> ExitCode {
         } => run_async(doctor(
             vault.access(),
             doctor::Targets {
-                signer: signer_addr,
-                audit: audit_addr,
+                signer: addrs.signer,
+                audit: addrs.audit,
                 admin,
                 tls,
             },
@@ -655,8 +631,7 @@ fn main() -> ExitCode {
             format,
             out,
             revoke,
-            signer_addr,
-            audit_addr,
+            addrs,
             tls,
             vault,
         } => run_async(incident(
@@ -666,7 +641,7 @@ fn main() -> ExitCode {
             format,
             out,
             revoke,
-            (signer_addr, audit_addr),
+            addrs,
             tls,
             vault.access(),
         )),

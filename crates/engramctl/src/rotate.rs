@@ -145,6 +145,7 @@ pub fn today() -> String {
     format!("{:04}-{m:02}-{d:02}", yoe + era * 400 + i64::from(m <= 2))
 }
 
+/// A call under the KV mount (`<mount>/<path>`): every rotation path is relative to it.
 async fn vault(
     http: &reqwest::Client,
     access: &VaultAccess,
