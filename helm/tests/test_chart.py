@@ -480,6 +480,9 @@ class Schema(unittest.TestCase):
         ({"signer": {"persistence": {"size": "lots"}}}, "/signer/persistence/size"),
         ({"signer": {"extraEnv": {"BINANCE_API_SECRET": "x"}}}, "BINANCE_API_SECRET"),
         ({"gateway": {"extraEnv": {"ENGRAM_VAULT_TOKEN": "x"}}}, "ENGRAM_VAULT_TOKEN"),
+        # Mutual TLS cannot be switched off, nor a peer redirected, through extraEnv.
+        ({"audit": {"extraEnv": {"ENGRAM_TLS_MODE": "off"}}}, "ENGRAM_TLS_MODE"),
+        ({"advisor": {"extraEnv": {"ENGRAM_AUDIT_ADDR": "http://evil:50051"}}}, "ENGRAM_AUDIT_ADDR"),
         ({"resources": {"limits": {"memory": "a lot"}}}, "/resources/limits/memory"),
         ({"monitoring": {"serviceMonitor": {"enabled": "yes"}}}, "/monitoring/serviceMonitor/enabled"),
         ({"otel": {"endpoint": "collector:4317"}}, "/otel/endpoint"),
