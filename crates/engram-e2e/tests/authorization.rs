@@ -5,7 +5,7 @@
 
 use engram_e2e::{IDENTITIES, Options, Stack};
 use engram_proto::v1::audit_sink_client::AuditSinkClient;
-use engram_proto::v1::{AuditRecord, QueryRequest};
+use engram_proto::v1::{AppendRequest, AuditRecord, QueryRequest};
 use engram_testkit::{http_get, metric_value};
 use tonic::codegen::http::uri::PathAndQuery;
 
@@ -259,6 +259,31 @@ async fn every_identity_against_every_method() {
     );
     assert!(records.iter().any(|r| detail(r, "caller") == "llm-advisor"
         && detail(r, "method") == "/engram.v1.ExchangeSigner/PlaceOrder"));
+
+    // A service may append, but only in its own name: the advisor cannot write a record
+    // that says the signer did something.
+    let advisor = stack.transport_as("llm-advisor").await.expect("advisor");
+    let mut as_advisor = AuditSinkClient::new(stack.channel(&advisor, "audit-sink"));
+    let append = |service: &str| AppendRequest {
+        event: Some(engram_runtime::audit::event(
+            service,
+            engram_proto::v1::AuditCategory::Audit,
+            "ORDER_PLACED",
+            &[],
+        )),
+        idempotency_key: String::new(),
+    };
+    let forged = as_advisor
+        .append(append("exchange-signer"))
+        .await
+        .expect_err("forged actor");
+    assert_eq!(forged.code(), tonic::Code::PermissionDenied, "{forged:?}");
+    assert!(forged.message().contains("not the caller"), "{forged:?}");
+    as_advisor
+        .append(append("llm-advisor"))
+        .await
+        .expect("its own name");
+
     assert!(!stack.outputs().contains(engram_e2e::EXCHANGE_SECRET));
     stack.stop().await;
 }

@@ -197,6 +197,28 @@ pub fn validate(request: AppendRequest) -> Result<NewEvent, Status> {
     })
 }
 
+/// The caller's certificate identity, when the call came over mutual TLS (`None` on a
+/// plain-gRPC dev or test server).
+fn caller_identity<T>(request: &Request<T>) -> Option<String> {
+    request
+        .extensions()
+        .get::<engram_runtime::tls::PeerInfo>()
+        .and_then(|peer| peer.identity.clone())
+}
+
+/// A record names the service that did it; over mutual TLS that must be the caller itself,
+/// so a service cannot write records in another's name (the authorization table only says
+/// who may append at all).
+fn check_actor(event: &NewEvent, caller: Option<&str>) -> Result<(), Status> {
+    match caller {
+        Some(caller) if event.actor.service != caller => Err(Status::permission_denied(format!(
+            "actor.service {:?} is not the caller's identity ({caller})",
+            event.actor.service
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn ack_response(ack: Ack) -> AppendResponse {
     AppendResponse {
         sequence: ack.seq,
@@ -364,7 +386,9 @@ impl AuditSink for AuditSinkService {
         &self,
         request: Request<AppendRequest>,
     ) -> Result<Response<AppendResponse>, Status> {
+        let caller = caller_identity(&request);
         let event = validate(request.into_inner())?;
+        check_actor(&event, caller.as_deref())?;
         let mut acks = self.append_checked(vec![event]).await?;
         let ack = acks
             .pop()
@@ -377,6 +401,7 @@ impl AuditSink for AuditSinkService {
         &self,
         request: Request<AppendBatchRequest>,
     ) -> Result<Response<AppendBatchResponse>, Status> {
+        let caller = caller_identity(&request);
         let requests = request.into_inner().events;
         tracing::Span::current().record("events", requests.len());
         if requests.is_empty() || requests.len() > MAX_BATCH {
@@ -388,8 +413,15 @@ impl AuditSink for AuditSinkService {
             .into_iter()
             .enumerate()
             .map(|(index, request)| {
-                validate(request).map_err(|status| {
-                    Status::invalid_argument(format!("events[{index}]: {}", status.message()))
+                let event = validate(request).and_then(|event| {
+                    check_actor(&event, caller.as_deref())?;
+                    Ok(event)
+                });
+                event.map_err(|status| {
+                    Status::new(
+                        status.code(),
+                        format!("events[{index}]: {}", status.message()),
+                    )
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -404,14 +436,17 @@ impl AuditSink for AuditSinkService {
         &self,
         request: Request<Streaming<AppendRequest>>,
     ) -> Result<Response<ResponseStream<AppendResponse>>, Status> {
+        let caller = caller_identity(&request);
         let incoming = request.into_inner();
         let service = self.clone();
         // Up to STREAM_WINDOW appends in flight, acknowledged in order; they share syncs.
         let acks = incoming
             .map(move |message| {
                 let service = service.clone();
+                let caller = caller.clone();
                 async move {
                     let event = validate(message?)?;
+                    check_actor(&event, caller.as_deref())?;
                     let mut acks = service.append_checked(vec![event]).await?;
                     acks.pop()
                         .map(ack_response)
@@ -483,4 +518,33 @@ fn checkpoint_key_versions(dir: &std::path::Path) -> std::collections::BTreeSet<
         .filter_map(|line| serde_json::from_str::<StoredCheckpoint>(line).ok())
         .map(|c| c.key_version)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event_by(service: &str) -> NewEvent {
+        validate(AppendRequest {
+            event: Some(engram_runtime::audit::event(
+                service,
+                engram_proto::v1::AuditCategory::Audit,
+                "ORDER_PLACED",
+                &[],
+            )),
+            idempotency_key: String::new(),
+        })
+        .expect("a valid event")
+    }
+
+    #[test]
+    fn only_the_caller_may_be_the_actor() {
+        assert!(check_actor(&event_by("llm-advisor"), Some("llm-advisor")).is_ok());
+        let forged = check_actor(&event_by("exchange-signer"), Some("llm-advisor"))
+            .expect_err("another service's name");
+        assert_eq!(forged.code(), tonic::Code::PermissionDenied);
+        assert!(forged.message().contains("llm-advisor"), "{forged:?}");
+        // Plain gRPC (dev and tests): there is no identity to compare with.
+        assert!(check_actor(&event_by("exchange-signer"), None).is_ok());
+    }
 }
