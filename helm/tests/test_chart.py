@@ -67,6 +67,7 @@ VALUE_SETS = {
                 },
             },
             "network": {"cidrs": ["10.20.0.10/32"], "port": 8200},
+            "ca": {"configMap": "vault-ca"},
         }
     },
     "cert-manager": {"tls": {"mode": "cert-manager"}},
@@ -321,6 +322,21 @@ class Rendering(unittest.TestCase):
         self.assertEqual(source["audience"], "vault")
         self.assertLessEqual(source["expirationSeconds"], 3600)
 
+    def test_a_private_vault_ca_is_mounted_for_engram_vault_ca_file(self):
+        _, with_ca, _ = self.rendered["approle"]
+        _, without, _ = self.rendered["default"]
+        for objs, expected in ((with_ca, True), (without, False)):
+            for o in objs:
+                if o["kind"] not in ("Deployment", "StatefulSet"):
+                    continue
+                pod = o["spec"]["template"]["spec"]
+                env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+                self.assertEqual("ENGRAM_VAULT_CA_FILE" in env, expected)
+                if expected:
+                    self.assertEqual(env["ENGRAM_VAULT_CA_FILE"], "/var/run/engram/vault-ca/ca.crt")
+                    volume = next(v for v in pod["volumes"] if v["name"] == "vault-ca")
+                    self.assertEqual(volume["configMap"]["name"], "vault-ca")
+
     def test_cert_manager_certificates_carry_spiffe_identities(self):
         _, objs, _ = self.rendered["cert-manager"]
         certs = [o for o in objs if o["kind"] == "Certificate"]
@@ -469,6 +485,7 @@ class Schema(unittest.TestCase):
         ({"vault": {"auth": {"kind": "ldap"}}}, "/vault/auth/kind"),
         ({"vault": {"auth": {"kind": "approle", "mount": "approle", "approle": {"roleIds": {}}}}}, "/vault/auth"),
         ({"vault": {"paths": {"audit-sink": "../etc"}}}, "/vault/paths"),
+        ({"vault": {"ca": {"configMap": "a", "secret": "b"}}}, "/vault/ca"),
         ({"tls": {"mode": "none"}}, "/tls/mode"),
         ({"tls": {"vault": {"ttlSeconds": 604800}}}, "/tls/vault/ttlSeconds"),
         ({"tls": {"certManager": {"duration": "720h"}}}, "/tls/certManager/duration"),

@@ -210,6 +210,17 @@ fn read_vault(spec: &ServiceSpec, reader: &mut ConfigReader<'_>) -> VaultSetting
     let kv_mount = reader.string_or("ENGRAM_VAULT_KV_MOUNT", "secret");
     let request_timeout =
         reader.positive_secs_or("ENGRAM_VAULT_TIMEOUT_SECS", Duration::from_secs(5));
+    let ca_file = reader
+        .optional_string("ENGRAM_VAULT_CA_FILE")
+        .map(PathBuf::from);
+    if let Some(path) = &ca_file {
+        match std::fs::read(path) {
+            Ok(pem) if reqwest::Certificate::from_pem_bundle(&pem).is_ok_and(|c| !c.is_empty()) => {
+            }
+            Ok(_) => reader.problem("ENGRAM_VAULT_CA_FILE", "holds no PEM certificate"),
+            Err(e) => reader.problem("ENGRAM_VAULT_CA_FILE", format!("cannot be read: {e}")),
+        }
+    }
     let auth = match reader.choice_or(
         "ENGRAM_VAULT_AUTH",
         "token",
@@ -286,6 +297,7 @@ fn read_vault(spec: &ServiceSpec, reader: &mut ConfigReader<'_>) -> VaultSetting
         kv_mount,
         auth,
         request_timeout,
+        ca_file,
     }
 }
 

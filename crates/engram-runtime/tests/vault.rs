@@ -735,3 +735,31 @@ async fn refused_credentials_keep_the_service_not_ready_and_out_of_every_message
     }
     running.stop().await;
 }
+
+#[test]
+fn a_missing_or_empty_ca_file_is_a_clear_config_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").expect("write");
+    for (value, expected) in [
+        ("/nonexistent/ca.pem".to_owned(), "cannot be read"),
+        (junk.display().to_string(), "holds no PEM certificate"),
+    ] {
+        let source = MapSource::from_pairs([
+            (
+                "ENGRAM_VAULT_ADDR".to_owned(),
+                "https://127.0.0.1:1".to_owned(),
+            ),
+            ("ENGRAM_VAULT_TOKEN".to_owned(), "t".to_owned()),
+            ("ENGRAM_VAULT_CA_FILE".to_owned(), value),
+        ]);
+        let Err(errors) = RuntimeConfig::load(&SPEC, &source) else {
+            panic!("a bad ENGRAM_VAULT_CA_FILE was accepted");
+        };
+        let errors = errors.to_string();
+        assert!(
+            errors.contains("ENGRAM_VAULT_CA_FILE") && errors.contains(expected),
+            "{errors}"
+        );
+    }
+}

@@ -99,6 +99,8 @@ pub struct OpenBao {
     root_token: String,
     home: tempfile::TempDir,
     http: reqwest::Client,
+    /// Serve HTTPS with a CA of the dev server's own (`-dev-tls`).
+    tls: bool,
 }
 
 impl OpenBao {
@@ -111,6 +113,24 @@ impl OpenBao {
         let mut bao = Self::unstarted()?;
         bao.launch().await?;
         Ok(bao)
+    }
+
+    /// As [`Self::start`], serving HTTPS with a certificate from a CA the dev server makes
+    /// (`-dev-tls`): a Vault behind a private CA. [`Self::ca_file`] is that CA.
+    ///
+    /// # Errors
+    ///
+    /// When `bao` is missing or does not become healthy within 30 s.
+    pub async fn start_tls() -> anyhow::Result<Self> {
+        let mut bao = Self::unstarted()?;
+        bao.tls = true;
+        bao.launch().await?;
+        Ok(bao)
+    }
+
+    /// The CA of a [`Self::start_tls`] server (PEM).
+    pub fn ca_file(&self) -> PathBuf {
+        self.home.path().join("tls").join("vault-ca.pem")
     }
 
     /// Picks ports and a root token but does not start the server: for tests of a service
@@ -129,6 +149,7 @@ impl OpenBao {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()?,
+            tls: false,
         })
     }
 
@@ -141,13 +162,22 @@ impl OpenBao {
     pub async fn launch(&mut self) -> anyhow::Result<()> {
         let bin = bao_binary()?;
         let log = std::fs::File::create(self.home.path().join(format!("bao-{}.log", rand_u64())))?;
+        let mut args = vec![
+            "server".to_owned(),
+            "-dev".to_owned(),
+            format!("-dev-root-token-id={}", self.root_token),
+            format!("-dev-listen-address=127.0.0.1:{}", self.port),
+        ];
+        if self.tls {
+            let dir = self.home.path().join("tls");
+            std::fs::create_dir_all(&dir)?;
+            // A restart makes a new CA: never read the last run's.
+            let _ = std::fs::remove_file(self.ca_file());
+            args.push("-dev-tls".to_owned());
+            args.push(format!("-dev-tls-cert-dir={}", dir.display()));
+        }
         let child = Command::new(&bin)
-            .args([
-                "server",
-                "-dev",
-                &format!("-dev-root-token-id={}", self.root_token),
-                &format!("-dev-listen-address=127.0.0.1:{}", self.port),
-            ])
+            .args(&args)
             .env("HOME", self.home.path())
             .env_remove("VAULT_ADDR")
             .env_remove("BAO_ADDR")
@@ -158,6 +188,19 @@ impl OpenBao {
             .spawn()
             .with_context(|| format!("failed to start {}", bin.display()))?;
         self.child = Some(child);
+        if self.tls {
+            // The CA exists once the server has written it; from then on, trust only it.
+            let ca_file = self.ca_file();
+            let pem = poll_until("OpenBao's dev CA", Duration::from_secs(30), || {
+                let ca_file = ca_file.clone();
+                async move { std::fs::read(&ca_file).ok().filter(|pem| !pem.is_empty()) }
+            })
+            .await?;
+            self.http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem)?)
+                .build()?;
+        }
         let url = format!("{}/v1/sys/health", self.addr());
         let http = self.http.clone();
         poll_until("OpenBao to become healthy", Duration::from_secs(30), || {
@@ -181,7 +224,8 @@ impl OpenBao {
 
     /// `http://127.0.0.1:PORT`.
     pub fn addr(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The root token (a test credential).

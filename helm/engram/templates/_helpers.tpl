@@ -127,6 +127,10 @@ spec:
           value: {{ $root.Values.vault.kvMount | quote }}
         - name: ENGRAM_SECRET_PATH
           value: {{ index $root.Values.vault.paths $service | quote }}
+        {{- if or $root.Values.vault.ca.configMap $root.Values.vault.ca.secret }}
+        - name: ENGRAM_VAULT_CA_FILE
+          value: /var/run/engram/vault-ca/{{ $root.Values.vault.ca.key }}
+        {{- end }}
         - name: ENGRAM_VAULT_AUTH
           value: {{ $root.Values.vault.auth.kind }}
         - name: ENGRAM_VAULT_AUTH_MOUNT
@@ -209,6 +213,11 @@ spec:
           mountPath: /var/run/engram/tls
           readOnly: true
         {{- end }}
+        {{- if or $root.Values.vault.ca.configMap $root.Values.vault.ca.secret }}
+        - name: vault-ca
+          mountPath: /var/run/engram/vault-ca
+          readOnly: true
+        {{- end }}
         {{- with .mounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -229,6 +238,16 @@ spec:
       secret:
         secretName: {{ index $root.Values.vault.auth.approle.secretIdSecrets $service | quote }}
         defaultMode: 0400
+    {{- end }}
+    {{- with $root.Values.vault.ca.configMap }}
+    - name: vault-ca
+      configMap:
+        name: {{ . | quote }}
+    {{- end }}
+    {{- with $root.Values.vault.ca.secret }}
+    - name: vault-ca
+      secret:
+        secretName: {{ . | quote }}
     {{- end }}
     {{- if eq $tls.mode "cert-manager" }}
     - name: tls

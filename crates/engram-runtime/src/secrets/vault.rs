@@ -97,6 +97,9 @@ pub struct VaultSettings {
     pub auth: VaultAuth,
     /// Timeout of each Vault request.
     pub request_timeout: Duration,
+    /// A PEM bundle of extra CAs that may have issued Vault's own certificate (a Vault behind
+    /// a private CA), on top of the platform's trust store.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// The state of the current token, kept to schedule renewal.
@@ -538,7 +541,18 @@ fn build_client(settings: &VaultSettings, token: &str) -> Result<VaultClient, Se
     builder
         .address(settings.address.as_str())
         .token(token)
-        .timeout(Some(settings.request_timeout));
+        .timeout(Some(settings.request_timeout))
+        // Never from the environment: vaultrs reads VAULT_SKIP_VERIFY (any value but "false"
+        // or "0" turns verification off) and VAULT_CACERT/VAULT_CAPATH by default. Engram
+        // always verifies, and trusts extra CAs only through ENGRAM_VAULT_CA_FILE.
+        .verify(true)
+        .ca_certs(
+            settings
+                .ca_file
+                .iter()
+                .map(|path| path.display().to_string())
+                .collect(),
+        );
     let client_settings = builder.build().map_err(|e| SecretError::Invalid {
         path: "vault settings".to_owned(),
         reason: e.to_string(),
