@@ -69,4 +69,40 @@ async fn a_private_vault_ca_is_trusted_only_through_engram_vault_ca_file() {
             .flatten(),
         Some(0)
     );
+
+    // The operator's tool, too: refused without the CA, a new version with it.
+    let token = dir.path().join("token");
+    std::fs::write(&token, bao.root_token()).expect("token");
+    let rotate = |with_ca: bool| {
+        let mut command = tokio::process::Command::new(binary("engramctl").expect("engramctl"));
+        command
+            .args(["rotate", "audit", "--generate"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("ENGRAM_VAULT_ADDR", bao.addr())
+            .env("ENGRAM_VAULT_TOKEN_FILE", &token)
+            .env("VAULT_SKIP_VERIFY", "true");
+        if with_ca {
+            command.args(["--vault-ca", &bao.ca_file().display().to_string()]);
+        }
+        command
+    };
+    let refused = rotate(false).output().await.expect("run");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("unreachable"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let rotated = rotate(true).output().await.expect("run");
+    assert!(
+        rotated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    let metadata = bao
+        .api(reqwest::Method::GET, "secret/metadata/engram/audit", None)
+        .await
+        .expect("metadata");
+    assert_eq!(metadata["data"]["current_version"], 2, "{metadata}");
 }

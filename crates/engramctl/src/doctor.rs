@@ -426,7 +426,7 @@ pub async fn run(
     targets: &Targets,
     repo: &Path,
 ) -> Result<Vec<Check>, String> {
-    let http = http_client()?;
+    let http = http_client(access)?;
     let now = SystemTime::now();
     let mut checks = vec![vault_health(&http, access).await];
     for (path, required) in [

@@ -108,7 +108,7 @@ fn write_private(path: &Path, text: &str) -> Result<(), String> {
 }
 
 async fn revoke(access: &VaultAccess, mounts: &[String]) -> Result<String, String> {
-    let http = http_client()?;
+    let http = http_client(access)?;
     let enabled = call(&http, access, reqwest::Method::GET, "sys/auth", None).await?;
     let mut done = Vec::new();
     for mount in mounts {

@@ -187,7 +187,7 @@ pub async fn rotate(
     target: Target,
     values: &BTreeMap<String, Zeroizing<String>>,
 ) -> Result<Rotated, String> {
-    let http = crate::vault::http_client()?;
+    let http = crate::vault::http_client(access)?;
     let path = target.path();
     let current = vault(
         &http,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 use zeroize::Zeroizing;
 
-/// `--vault-addr`, `--kv-mount`, `--token-file`.
+/// `--vault-addr`, `--kv-mount`, `--token-file`, `--vault-ca`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct VaultArgs {
     /// Vault's address.
@@ -23,6 +23,9 @@ pub struct VaultArgs {
     /// A file holding the Vault token (else VAULT_TOKEN, else .engram/vault-token).
     #[arg(long, env = "ENGRAM_VAULT_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// A private CA that issued Vault's certificate (PEM), trusted besides the system's.
+    #[arg(long = "vault-ca", env = "ENGRAM_VAULT_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl VaultArgs {
@@ -32,11 +35,13 @@ impl VaultArgs {
     ///
     /// When no token can be found.
     pub fn access(&self) -> Result<VaultAccess, String> {
-        VaultAccess::from_env(
+        let mut access = VaultAccess::from_env(
             self.vault_addr.clone(),
             self.kv_mount.clone(),
             self.token_file.clone(),
-        )
+        )?;
+        access.ca_file.clone_from(&self.ca_file);
+        Ok(access)
     }
 }
 
@@ -49,6 +54,8 @@ pub struct VaultAccess {
     pub mount: String,
     /// The token.
     pub token: Zeroizing<String>,
+    /// An extra CA for Vault's certificate.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl VaultAccess {
@@ -89,6 +96,7 @@ impl VaultAccess {
             addr: addr.trim_end_matches('/').to_owned(),
             mount,
             token,
+            ca_file: None,
         })
     }
 }
@@ -130,15 +138,23 @@ pub async fn call(
     Ok(body)
 }
 
-/// An HTTP client for Vault (rustls on ring, a 10 s timeout).
+/// An HTTP client for Vault (rustls on ring, a 10 s timeout), trusting the system's CAs and
+/// `access`'s own.
 ///
 /// # Errors
 ///
-/// When the client cannot be built.
-pub fn http_client() -> Result<reqwest::Client, String> {
+/// When the client cannot be built or the CA file is unreadable or holds no certificate.
+pub fn http_client(access: &VaultAccess) -> Result<reqwest::Client, String> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(10))
-        .build()
-        .map_err(|e| e.to_string())
+    let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10));
+    if let Some(path) = &access.ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read the Vault CA {}: {e}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .ok()
+            .filter(|certs| !certs.is_empty())
+            .ok_or_else(|| format!("{} holds no PEM certificate", path.display()))?;
+        builder = builder.tls_certs_merge(certs);
+    }
+    builder.build().map_err(|e| e.to_string())
 }
