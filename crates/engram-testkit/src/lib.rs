@@ -22,10 +22,31 @@ pub fn repo_root() -> PathBuf {
 /// A port that was free a moment ago, together with the one after it (OpenBao's dev server
 /// takes PORT+1 for its cluster listener).
 ///
+/// Picked at random below the kernel's ephemeral range: a port a test binds later by number
+/// must not be one the kernel may hand out meanwhile to any socket bound to port 0 or any
+/// outgoing connection (with stacks started in parallel, that race was real).
+///
 /// # Panics
 ///
 /// When no free pair is found after many tries (the machine is out of ports).
 pub fn free_port_pair() -> u16 {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.saturating_sub(2));
+    if high > low {
+        for _ in 0..200 {
+            let span = u64::from(high - low);
+            let port = low + u16::try_from(rand_u64() % span).unwrap_or(0);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok()
+                && TcpListener::bind(("127.0.0.1", port + 1)).is_ok()
+            {
+                return port;
+            }
+        }
+    }
+    // No room below the ephemeral range: take what the kernel gives.
     for _ in 0..100 {
         let Ok(first) = TcpListener::bind("127.0.0.1:0") else {
             continue;
