@@ -116,6 +116,16 @@ def run(*args, cwd=None):
     return subprocess.run(args, capture_output=True, text=True, cwd=cwd, check=False)
 
 
+def workload_images(objs):
+    """The image of every container of the rendered Deployments and StatefulSets."""
+    return [
+        c["image"]
+        for o in objs
+        if o["kind"] in ("Deployment", "StatefulSet")
+        for c in o["spec"]["template"]["spec"]["containers"]
+    ]
+
+
 def workloads(folder):
     """(namespace, name, pod labels) of every Deployment and StatefulSet under `folder`."""
     found = []
@@ -246,22 +256,10 @@ class Rendering(unittest.TestCase):
                 self.assertIn("CKV_K8S_15", skipped)
 
     def test_digests_pin_images_and_lift_the_digest_skip(self):
-        _, objs, _ = self.rendered["digests"]
-        images = [
-            c["image"]
-            for o in objs
-            if o["kind"] in ("Deployment", "StatefulSet")
-            for c in o["spec"]["template"]["spec"]["containers"]
-        ]
+        images = workload_images(self.rendered["digests"][1])
         self.assertEqual(len(images), 4)
         self.assertTrue(all("@sha256:" in image for image in images), images)
-        _, default, _ = self.rendered["default"]
-        tags = [
-            c["image"]
-            for o in default
-            if o["kind"] in ("Deployment", "StatefulSet")
-            for c in o["spec"]["template"]["spec"]["containers"]
-        ]
+        tags = workload_images(self.rendered["default"][1])
         self.assertTrue(all(image.endswith(":0.1.0") for image in tags), tags)
 
     def test_pods_are_restricted(self):

@@ -60,6 +60,19 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     );
 }
 
+/// A text field of an audit record's details (empty when absent or not text).
+pub fn text_detail(record: &engram_proto::v1::AuditRecord, name: &str) -> String {
+    match record
+        .details
+        .as_ref()
+        .and_then(|d| d.fields.get(name))
+        .and_then(|v| v.kind.as_ref())
+    {
+        Some(prost_types::value::Kind::StringValue(s)) => s.clone(),
+        _ => String::new(),
+    }
+}
+
 /// How to run the stack.
 #[derive(Debug, Clone, Default)]
 pub struct Options {

@@ -3,7 +3,7 @@
 //! in DESIGN.md's table reaches its handler, every other pair is refused, and refusals are
 //! in the audit trail.
 
-use engram_e2e::{IDENTITIES, Options, Stack};
+use engram_e2e::{IDENTITIES, Options, Stack, text_detail};
 use engram_proto::v1::audit_sink_client::AuditSinkClient;
 use engram_proto::v1::{AppendRequest, AuditRecord, QueryRequest};
 use engram_testkit::{http_get, metric_value};
@@ -241,24 +241,19 @@ async fn every_identity_against_every_method() {
     while let Some(record) = stream.message().await.expect("record") {
         records.push(record);
     }
-    let detail = |record: &AuditRecord, name: &str| -> String {
-        match record
-            .details
-            .as_ref()
-            .and_then(|d| d.fields.get(name))
-            .and_then(|v| v.kind.as_ref())
-        {
-            Some(prost_types::value::Kind::StringValue(s)) => s.clone(),
-            _ => String::new(),
-        }
-    };
     assert!(
-        records.iter().any(|r| detail(r, "caller") == "intruder"
-            && detail(r, "method") == "/engram.v1.ExchangeSigner/PlaceOrder"),
+        records
+            .iter()
+            .any(|r| text_detail(r, "caller") == "intruder"
+                && text_detail(r, "method") == "/engram.v1.ExchangeSigner/PlaceOrder"),
         "{records:#?}"
     );
-    assert!(records.iter().any(|r| detail(r, "caller") == "llm-advisor"
-        && detail(r, "method") == "/engram.v1.ExchangeSigner/PlaceOrder"));
+    assert!(
+        records
+            .iter()
+            .any(|r| text_detail(r, "caller") == "llm-advisor"
+                && text_detail(r, "method") == "/engram.v1.ExchangeSigner/PlaceOrder")
+    );
 
     // A service may append, but only in its own name: the advisor cannot write a record
     // that says the signer did something.

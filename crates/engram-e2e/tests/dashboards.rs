@@ -99,6 +99,16 @@ impl Prometheus {
             .unwrap_or_default())
     }
 
+    /// Waits (30 s at most) until `expr` returns at least one series.
+    async fn wait_for(&self, what: &str, expr: &str) {
+        poll_until(what, Duration::from_secs(30), || async {
+            let found = self.query(expr).await.ok()?;
+            (!found.is_empty()).then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
     async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
@@ -231,19 +241,12 @@ async fn incidents(stack: &Stack) {
 async fn workload(stack: &Stack, prometheus: &Prometheus) {
     trading(stack).await;
     incidents(stack).await;
-    poll_until(
-        "a scrape after the first round",
-        Duration::from_secs(30),
-        || async {
-            let seen = prometheus
-                .query("engram_llm_latency_seconds_count > 0")
-                .await
-                .ok()?;
-            (!seen.is_empty()).then_some(())
-        },
-    )
-    .await
-    .expect("scraped");
+    prometheus
+        .wait_for(
+            "a scrape after the first round",
+            "engram_llm_latency_seconds_count > 0",
+        )
+        .await;
     trading(stack).await;
 }
 
@@ -327,19 +330,12 @@ async fn every_panel_returns_data_and_the_rules_fire_on_a_real_prometheus() {
         .collect();
     assert_eq!(rules.len(), 14, "{groups:#}");
     assert!(rules.iter().all(|r| r["health"] == "ok"), "{groups:#}");
-    poll_until(
-        "EngramRpcDenied firing",
-        Duration::from_secs(30),
-        || async {
-            let alerts = prometheus
-                .query("ALERTS{alertname=\"EngramRpcDenied\",alertstate=\"firing\",caller=\"intruder\"}")
-                .await
-                .ok()?;
-            (!alerts.is_empty()).then_some(())
-        },
-    )
-    .await
-    .expect("the alert fires");
+    prometheus
+        .wait_for(
+            "EngramRpcDenied firing",
+            "ALERTS{alertname=\"EngramRpcDenied\",alertstate=\"firing\",caller=\"intruder\"}",
+        )
+        .await;
     // And nothing pages for a healthy stack that merely saw one intruder.
     let firing = prometheus
         .query("ALERTS{alertstate=\"firing\",severity=\"critical\",alertname!=\"EngramRpcDenied\"}")

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use engram_doubles::exchange::{KeyKind, Restrictions};
-use engram_e2e::{ADMIN, AUDIT_KEY, BOT_TOKEN, EXCHANGE_SECRET, OUTSIDER, Options, Stack, TRADER};
+use engram_e2e::{
+    ADMIN, AUDIT_KEY, BOT_TOKEN, EXCHANGE_SECRET, OUTSIDER, Options, Stack, TRADER, text_detail,
+};
 use engram_proto::v1::audit_sink_client::AuditSinkClient;
 use engram_proto::v1::exchange_signer_client::ExchangeSignerClient;
 use engram_proto::v1::{
@@ -50,18 +52,6 @@ async fn verify(stack: &Stack) -> engram_proto::v1::VerifyResponse {
         .await
         .expect("verify")
         .into_inner()
-}
-
-fn text_detail(record: &AuditRecord, name: &str) -> String {
-    match record
-        .details
-        .as_ref()
-        .and_then(|d| d.fields.get(name))
-        .and_then(|v| v.kind.as_ref())
-    {
-        Some(prost_types::value::Kind::StringValue(s)) => s.clone(),
-        _ => String::new(),
-    }
 }
 
 /// The person's flow: trade, audit, advice, and an outsider (who hears "Unauthorized access"

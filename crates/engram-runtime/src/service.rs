@@ -466,17 +466,7 @@ impl Application {
                     ttl,
                 })
             }
-            TlsSettings::Files {
-                cert,
-                key,
-                ca,
-                refresh,
-            } => Some(CertificateSource::Files {
-                cert,
-                key,
-                ca,
-                refresh,
-            }),
+            TlsSettings::Files(files) => Some(CertificateSource::Files(files)),
         };
         let certificates = match certificates {
             Some(source) => {

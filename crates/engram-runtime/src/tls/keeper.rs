@@ -33,16 +33,20 @@ pub enum TlsSettings {
         ttl: Duration,
     },
     /// Files mounted by cert-manager or from a Secret, re-read when they change.
-    Files {
-        /// `ENGRAM_TLS_CERT_FILE`: the chain, leaf first (PEM).
-        cert: PathBuf,
-        /// `ENGRAM_TLS_KEY_FILE`: the private key (PEM).
-        key: PathBuf,
-        /// `ENGRAM_TLS_CA_FILE`: the trust anchors (PEM).
-        ca: PathBuf,
-        /// `ENGRAM_TLS_FILE_REFRESH_SECS`: how often the files are checked.
-        refresh: Duration,
-    },
+    Files(CertFiles),
+}
+
+/// Certificate files mounted by cert-manager or from a Secret (`ENGRAM_TLS_MODE=file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// `ENGRAM_TLS_CERT_FILE`: the chain, leaf first (PEM).
+    pub cert: PathBuf,
+    /// `ENGRAM_TLS_KEY_FILE`: the private key (PEM).
+    pub key: PathBuf,
+    /// `ENGRAM_TLS_CA_FILE`: the trust anchors (PEM).
+    pub ca: PathBuf,
+    /// `ENGRAM_TLS_FILE_REFRESH_SECS`: how often the files are checked.
+    pub refresh: Duration,
 }
 
 impl TlsSettings {
@@ -66,12 +70,12 @@ impl TlsSettings {
                 );
                 let refresh = reader
                     .positive_secs_or("ENGRAM_TLS_FILE_REFRESH_SECS", Duration::from_secs(60));
-                Self::Files {
+                Self::Files(CertFiles {
                     cert,
                     key,
                     ca,
                     refresh,
-                }
+                })
             }
             _ => {
                 if !vault_secrets {
@@ -119,16 +123,7 @@ pub enum CertificateSource {
         ttl: Duration,
     },
     /// Mounted files.
-    Files {
-        /// Chain.
-        cert: PathBuf,
-        /// Key.
-        key: PathBuf,
-        /// Trust anchors.
-        ca: PathBuf,
-        /// How often to look.
-        refresh: Duration,
-    },
+    Files(CertFiles),
 }
 
 fn read_file(path: &PathBuf) -> Result<Zeroizing<Vec<u8>>, TlsError> {
@@ -168,7 +163,7 @@ impl CertificateSource {
                 )
                 .map(Some)
             }
-            Self::Files { cert, key, ca, .. } => {
+            Self::Files(CertFiles { cert, key, ca, .. }) => {
                 let (cert, key, ca) = (read_file(cert)?, read_file(key)?, read_file(ca)?);
                 let mut hasher = DefaultHasher::new();
                 (&*cert, &*key, &*ca).hash(&mut hasher);
@@ -212,20 +207,20 @@ pub async fn keep(tls: Arc<MutualTls>, source: CertificateSource, stop: Cancella
                             .duration_since(SystemTime::now())
                             .unwrap_or(Duration::ZERO)
                             .max(Duration::from_secs(1)),
-                        CertificateSource::Files { refresh, .. } => *refresh,
+                        CertificateSource::Files(files) => files.refresh,
                     }
                 }
                 Err(error) => failed(&tls, &error, &mut backoff),
             },
             Ok(None) => match &source {
-                CertificateSource::Files { refresh, .. } => {
+                CertificateSource::Files(files) => {
                     if tls.renew_at().is_some_and(|at| at <= SystemTime::now()) {
                         tracing::warn!(
                             target: "security",
                             "mutual-TLS certificate files are past two thirds of their life and have not been renewed"
                         );
                     }
-                    *refresh
+                    files.refresh
                 }
                 CertificateSource::Vault { .. } => backoff,
             },

@@ -21,7 +21,7 @@ use rustls::crypto::CryptoProvider;
 use tonic::transport::{Channel, Endpoint};
 
 pub use io::{MtlsConnector, PeerInfo, TlsIo, tls_incoming};
-pub use keeper::{CertificateSource, MAX_CERT_TTL, TlsSettings, keep};
+pub use keeper::{CertFiles, CertificateSource, MAX_CERT_TTL, TlsSettings, keep};
 pub use material::{
     Material, SpiffeServerVerifier, TRUST_DOMAIN, TlsError, identity_of, spiffe_id, validity,
 };
