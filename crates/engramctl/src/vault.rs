@@ -158,3 +158,29 @@ pub fn http_client(access: &VaultAccess) -> Result<reqwest::Client, String> {
     }
     builder.build().map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access_with_ca(ca_file: PathBuf) -> VaultAccess {
+        VaultAccess {
+            addr: "https://127.0.0.1:1".to_owned(),
+            mount: "secret".to_owned(),
+            token: Zeroizing::new("test-token".to_owned()),
+            ca_file: Some(ca_file),
+        }
+    }
+
+    #[test]
+    fn a_bad_vault_ca_is_a_clear_error() {
+        let missing = http_client(&access_with_ca(PathBuf::from("/nonexistent/ca.pem")))
+            .expect_err("missing file");
+        assert!(missing.contains("cannot read the Vault CA"), "{missing}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").expect("write");
+        let junk = http_client(&access_with_ca(junk)).expect_err("junk file");
+        assert!(junk.contains("holds no PEM certificate"), "{junk}");
+    }
+}
